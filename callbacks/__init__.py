@@ -1,0 +1,1 @@
+"""Training callbacks: mask panels, throughput/MFU, ..."""

@@ -1,0 +1,1 @@
+"""Datamodules: SA-1B WebDataset streaming, fine-tuning datasets and shard tools."""

@@ -1,0 +1,1 @@
+"""SAM building blocks: image encoder (timm), prompt encoder, mask decoder, two-way transformer."""
