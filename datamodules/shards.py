@@ -37,24 +37,47 @@ def encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
 
 def annotations_from_masks(masks: np.ndarray, start_id: int = 0) -> list[dict[str, Any]]:
     """SA-1B annotation dicts (segmentation RLE, area, bbox xywh, ...) for M x H x W binary masks."""
-    rles = encode_rle(masks)
-    areas = mask_utils.area(rles)
-    boxes = mask_utils.toBbox(rles)
+    return annotations_from_rles(encode_rle(masks), start_id=start_id)
+
+
+def annotations_from_rles(
+    rles: list[dict[str, Any]], start_id: int = 0, extra: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """SA-1B annotation dicts for M compressed COCO RLEs (counts as str or bytes), without decoding them.
+
+    Args:
+        rles: M dicts {"size": [H, W], "counts": str | bytes} (compressed RLE).
+        start_id: id of the first annotation.
+        extra: optional M dicts of fields to add to each annotation (e.g. {"category_id": 3}).
+    Returns:
+        M annotation dicts with string counts; area and bbox computed from the RLE.
+    """
+    if not rles:
+        return []
+    coco = [{"size": list(r["size"]), "counts": _as_bytes(r["counts"])} for r in rles]
+    areas = mask_utils.area(coco)
+    boxes = mask_utils.toBbox(coco)
     anns = []
-    for i, (rle, area, box) in enumerate(zip(rles, areas, boxes)):
-        anns.append(
-            {
-                "id": start_id + i,
-                "segmentation": rle,
-                "area": int(area),
-                "bbox": [float(v) for v in box],
-                "predicted_iou": 1.0,
-                "stability_score": 1.0,
-                "point_coords": [[float(box[0] + box[2] / 2), float(box[1] + box[3] / 2)]],
-                "crop_box": [0.0, 0.0, float(masks.shape[2]), float(masks.shape[1])],
-            }
-        )
+    for i, (rle, area, box) in enumerate(zip(coco, areas, boxes)):
+        height, width = rle["size"]
+        ann = {
+            "id": start_id + i,
+            "segmentation": {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")},
+            "area": int(area),
+            "bbox": [float(v) for v in box],
+            "predicted_iou": 1.0,
+            "stability_score": 1.0,
+            "point_coords": [[float(box[0] + box[2] / 2), float(box[1] + box[3] / 2)]],
+            "crop_box": [0.0, 0.0, float(width), float(height)],
+        }
+        if extra is not None:
+            ann.update(extra[i])
+        anns.append(ann)
     return anns
+
+
+def _as_bytes(counts: str | bytes) -> bytes:
+    return counts.encode("ascii") if isinstance(counts, str) else counts
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -79,6 +102,8 @@ class SA1BShardWriter:
         prefix: shard file name prefix.
         max_samples: samples per shard before a new tar is started.
         max_bytes: bytes per shard before a new tar is started.
+        pattern: shard file name, formatted with `prefix` and `index` (e.g. "{prefix}.tar" to write exactly one
+            shard of that name, as `samlight data prepare` does to keep the input shard names).
 
     Use as a context manager; `write()` takes an image and either binary masks or ready annotations.
     Shards are written to a temporary name and renamed when complete, so a crash never leaves a truncated
@@ -92,12 +117,14 @@ class SA1BShardWriter:
         prefix: str = "sa",
         max_samples: int = 1000,
         max_bytes: int = 1 << 30,
+        pattern: str = "{prefix}-{index:06d}.tar",
     ) -> None:
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.pattern = pattern
         self.shards: list[Path] = []
         self.num_samples = 0
         self.num_masks = 0
@@ -114,7 +141,12 @@ class SA1BShardWriter:
 
     def _next_shard(self) -> None:
         self._finish_shard()
-        final = self.output / f"{self.prefix}-{len(self.shards):06d}.tar"
+        final = self.output / self.pattern.format(prefix=self.prefix, index=len(self.shards))
+        if final in self.shards:
+            raise ValueError(
+                f"shard name pattern {self.pattern!r} gives {final.name} twice; put {{index}} in it or raise "
+                "max_samples/max_bytes so everything fits in one shard"
+            )
         self._tmp = final.with_suffix(".tar.tmp")
         self._writer = wds.TarWriter(str(self._tmp))
         self.shards.append(final)
@@ -149,7 +181,9 @@ class SA1BShardWriter:
             extra: more members, extension -> bytes (e.g. {"clip.npy": ...}).
         """
         if "." in key:
-            raise ValueError(f"sample key {key!r} must not contain '.', WebDataset splits keys at the first dot")
+            raise ValueError(
+                f"sample key {key!r} must not contain '.', WebDataset splits keys at the first dot"
+            )
         if (masks is None) == (annotations is None):
             raise ValueError(f"sample {key!r}: give exactly one of masks= or annotations=")
         if isinstance(image, np.ndarray):
@@ -160,7 +194,9 @@ class SA1BShardWriter:
             height, width = int(image_info["height"]), int(image_info["width"])
         if masks is not None:
             if masks.shape[1:] != (height, width):
-                raise ValueError(f"sample {key!r}: masks {masks.shape[1:]} do not match image {(height, width)}")
+                raise ValueError(
+                    f"sample {key!r}: masks {masks.shape[1:]} do not match image {(height, width)}"
+                )
             annotations = annotations_from_masks(masks)
         info = {"image_id": self.num_samples, "file_name": f"{key}.jpg", "height": height, "width": width}
         info.update(image_info or {})

@@ -13,6 +13,8 @@ from importlib import resources
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from samlight.cli_dashboards import DashboardsCLIMixin
+
 
 def default_config_path() -> str:
     """Path of the quickstart config shipped inside the package (the embedded default of `samlight fit`)."""
@@ -25,8 +27,9 @@ def _wants_default_config(args: Sequence[str]) -> bool:
     return not any(a == "--config" or a.startswith("--config=") or a in ("-c", "-h", "--help") for a in args)
 
 
-class SamlightCLI(LightningCLI):
-    """LightningCLI with samlight's defaults."""
+class SamlightCLI(DashboardsCLIMixin, LightningCLI):
+    """LightningCLI with samlight's defaults (the mixin: panels/data_health/lr_monitor sections, run directory,
+    config key check; see samlight/cli_dashboards.py)."""
 
 
 def run_cli(args: Sequence[str] | None = None) -> SamlightCLI:

@@ -1,0 +1,56 @@
+"""`samlight data convert|prepare|inspect`: the shard tools' command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: samlight data <command> [options]
+
+  convert --format folder|coco|nifti|dicom|geotiff --output DIR ...
+                      turn your images and masks into SA-1B-format shards (`convert --format F --help`)
+  prepare --input URLS --output DIR [--image-size 1024] [--workers N]
+                      re-encode SA-1B shards at training resolution (resized image, RLE at that size, >90% masks dropped)
+  inspect URLS [--overlays DIR --num 8]
+                      counts, image sizes, mask statistics, broken samples, and PNG overlays
+"""
+
+
+def _setup_logging() -> None:
+    # Warnings name each skipped input; show them once on stderr unless the caller configured logging already.
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch `samlight data <command>`; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in ("convert", "prepare", "inspect"):
+        print(f"samlight data: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # Warnings go through tqdm.write so they do not tear the progress bar apart.
+    with logging_redirect_tqdm():
+        if command == "convert":
+            from samlight.datamodules.convert import main as convert_main
+
+            return convert_main(rest)
+        if command == "prepare":
+            from samlight.datamodules.prepare import main as prepare_main
+
+            return prepare_main(rest)
+        from samlight.datamodules.inspect import main as inspect_main
+
+        return inspect_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

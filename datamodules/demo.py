@@ -1,0 +1,141 @@
+"""A small synthetic SA-1B-format set (coloured shapes on textured backgrounds), written on first use.
+
+Used by `configs/quickstart.yaml` (`train_urls: demo`) and the tests, so samlight trains out of the box with no
+download. Written once per parameter set into `$SAMLIGHT_CACHE/demo-v1/...` (default `~/.cache/samlight`),
+atomically, so concurrent first uses (several ranks, several test processes) never see a half-written set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
+
+DEMO_VERSION = "demo-v1"
+SHAPE_LABELS = {"ellipse": 1, "rectangle": 2, "polygon": 3}
+
+
+def default_cache_dir() -> Path:
+    """`$SAMLIGHT_CACHE` if set, else `~/.cache/samlight`."""
+    return Path(os.environ.get("SAMLIGHT_CACHE") or Path.home() / ".cache" / "samlight")
+
+
+def make_demo_shards(
+    root: str | os.PathLike | None = None,
+    *,
+    num_train: int = 64,
+    num_val: int = 16,
+    image_size: tuple[int, int] = (240, 320),
+    samples_per_shard: int = 16,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+    """Write (or reuse) the demo shards and return (train_urls, val_urls).
+
+    Args:
+        root: cache directory (default `default_cache_dir()`); the set lives in a subfolder named after the
+            parameters, so different sizes never overwrite each other.
+        num_train, num_val: number of images per split.
+        image_size: (H, W) of each image; every second image is transposed (portrait) so padding is exercised.
+        samples_per_shard: images per tar (small, so 2 ranks x 2 workers each get whole shards).
+        seed: the set is a deterministic function of all the arguments.
+    Returns:
+        sorted shard paths of the train and the val split.
+    """
+    base = Path(root) if root is not None else default_cache_dir()
+    name = f"{DEMO_VERSION}-{num_train}-{num_val}-{image_size[0]}x{image_size[1]}-{samples_per_shard}-s{seed}"
+    final = base / DEMO_VERSION / name
+    manifest = final / "manifest.json"
+    if not manifest.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        try:
+            _write_set(tmp, num_train, num_val, image_size, samples_per_shard, seed)
+            try:
+                os.rename(tmp, final)  # atomic; fails when another process finished first
+            except OSError:
+                if not manifest.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    listing = json.loads(manifest.read_text())
+    return [str(final / p) for p in listing["train"]], [str(final / p) for p in listing["val"]]
+
+
+def _write_set(
+    out: Path, num_train: int, num_val: int, size: tuple[int, int], per_shard: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    listing = {}
+    for split, count in (("train", num_train), ("val", num_val)):
+        with SA1BShardWriter(out / split, prefix=f"demo-{split}", max_samples=per_shard) as writer:
+            for i in range(count):
+                hw = size if i % 2 == 0 else size[::-1]
+                image, masks, labels = synthetic_scene(hw, rng)
+                annotations = annotations_from_masks(masks)
+                for annotation, label in zip(annotations, labels):
+                    # Shape type as the label id, so per-label metrics have something to report on the demo.
+                    annotation["category_id"] = label
+                writer.write(
+                    f"{split}_{i:05d}", image, annotations=annotations, image_info={"source": "samlight-demo"}
+                )
+        listing[split] = sorted(str(p.relative_to(out)) for p in writer.shards)
+    (out / "manifest.json").write_text(json.dumps(listing, indent=1))
+
+
+def synthetic_scene(
+    size: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One scene: textured background with 3-8 coloured shapes, later shapes occluding earlier ones.
+
+    Args:
+        size: (H, W).
+        rng: randomness.
+    Returns:
+        (image H x W x 3 uint8, visible instance masks M x H x W bool, shape label per mask).
+    """
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Background: two random colours blended along a random direction, plus low-frequency stripes and noise.
+    c0, c1 = rng.uniform(40, 215, size=(2, 3))
+    angle = rng.uniform(0, np.pi)
+    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 2
+    stripes = 12 * np.sin(xx / rng.uniform(6, 20) + yy / rng.uniform(6, 20))
+    image = c0 * (1 - t[..., None]) + c1 * t[..., None] + stripes[..., None]
+    image += rng.normal(0, 6, size=(h, w, 3))
+    owner = np.full((h, w), -1, dtype=np.int32)
+    labels = []
+    for index in range(int(rng.integers(3, 9))):
+        kind = rng.choice(list(SHAPE_LABELS))
+        shape = _shape_mask(kind, h, w, rng)
+        colour = rng.uniform(0, 255, size=3)
+        shade = 1 + 0.15 * np.sin(xx / rng.uniform(3, 9))[..., None]  # a little texture inside the object
+        image = np.where(shape[..., None], colour * shade, image)
+        owner[shape] = index
+        labels.append(SHAPE_LABELS[kind])
+    masks = np.stack([owner == i for i in range(len(labels))])  # M x H x W, visible parts only
+    keep = masks.sum(axis=(1, 2)) >= 30  # fully occluded or tiny: not a useful target
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return image, masks[keep], [lab for lab, k in zip(labels, keep) if k]
+
+
+def _shape_mask(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    canvas = Image.new("1", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+    rx, ry = rng.uniform(0.05, 0.25) * w, rng.uniform(0.05, 0.25) * h
+    if kind == "ellipse":
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    elif kind == "rectangle":
+        draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    else:
+        angles = np.sort(rng.uniform(0, 2 * np.pi, size=int(rng.integers(3, 8))))
+        radius = rng.uniform(0.5, 1.0, size=angles.size)
+        points = [(cx + rx * r * np.cos(a), cy + ry * r * np.sin(a)) for a, r in zip(angles, radius)]
+        draw.polygon(points, fill=1)
+    return np.asarray(canvas, dtype=bool)

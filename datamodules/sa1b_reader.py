@@ -1,0 +1,144 @@
+"""Read SA-1B tar shards into raw samples (`<key>.jpg` + `<key>.json` [+ `<key>.clip.npy`]), whatever the member order.
+
+Meta's tars are not grouped by key, so members are held per key until the sample is complete; anything left
+incomplete when the shard ends, and every unreadable or truncated shard, is skipped and counted (`SkipCounter`).
+Tar parsing and URL opening (local paths, `pipe:` commands, http) are webdataset's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+log = logging.getLogger("samlight.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg")
+
+
+@dataclass
+class RawSample:
+    """One complete sample as bytes: `members` maps extension ("jpg", "json", "clip.npy") to content."""
+
+    url: str
+    key: str
+    members: dict[str, bytes]
+
+    @property
+    def image(self) -> bytes:
+        return self.members.get("jpg", self.members.get("jpeg", b""))
+
+
+class SkipCounter:
+    """Counts skipped samples and shards by reason and warns once per (shard, reason) with the shard and key.
+
+    Counts accumulate in `pending` until `take()` hands them to the next yielded sample, which is how counts
+    made in DataLoader worker processes reach the main process.
+
+    Args:
+        count_shared: False in workers that read shards another worker also reads (validation split by sample
+            index): shard- and pairing-level defects are then counted by one worker only, so totals stay exact.
+    """
+
+    def __init__(self, *, count_shared: bool = True) -> None:
+        self.count_shared = count_shared
+        self.pending: Counter = Counter()
+        self._warned: set[tuple[str, str]] = set()
+
+    def skip(self, reason: str, url: str, key: str | None, detail: str = "", *, shared: bool = False) -> None:
+        """Record one skipped sample (or shard, `key=None`)."""
+        if shared and not self.count_shared:
+            return
+        self.pending[reason] += 1
+        where = f"shard {url}" + ("" if key is None else f" key {key!r}")
+        message = f"samlight data: skipped ({reason}) at {where}: {detail}"
+        if (url, reason) in self._warned:
+            log.debug(message)
+        else:
+            self._warned.add((url, reason))
+            log.warning(message + " (further skips of this kind in this shard are logged at DEBUG)")
+
+    def take(self) -> dict[str, int]:
+        """Return the counts since the last call and reset them."""
+        counts, self.pending = dict(self.pending), Counter()
+        return counts
+
+
+def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, extension, bytes) for each regular file of the tar at `url` (path, `pipe:...`, http...).
+
+    Raises whatever opening or reading raises (OSError, tarfile.ReadError, ...); callers count it.
+    """
+    stream = gopen(url)
+    try:
+        for member in tar_file_iterator(stream):
+            key, ext = base_plus_ext(member["fname"])
+            if key is None or ext is None:
+                continue
+            yield key, ext.lower(), member["data"]
+    finally:
+        stream.close()
+
+
+def iter_shard(
+    url: str,
+    counter: SkipCounter,
+    *,
+    optional: Iterable[str] = (),
+    required_extra: Iterable[str] = (),
+) -> Iterator[RawSample]:
+    """Complete samples of one shard in the order they complete; defects counted in `counter`.
+
+    Args:
+        url: the shard.
+        counter: receives skips ("jpg without json", "json without jpg", "missing <ext>", "duplicate member",
+            "unreadable shard", "truncated shard").
+        optional: more extensions kept when they arrive before the sample completes.
+        required_extra: extensions a sample must have besides the image and the json (e.g. "clip.npy").
+    """
+    required_extra = tuple(required_extra)
+    wanted = set(IMAGE_EXTENSIONS) | {"json"} | set(required_extra) | set(optional)
+    pending: dict[str, dict[str, bytes]] = {}
+    members_read = 0
+    try:
+        for key, ext, data in iter_members(url):
+            members_read += 1
+            if ext not in wanted:
+                continue
+            parts = pending.setdefault(key, {})
+            if ext in parts:
+                counter.skip("duplicate member", url, key, f"second {key}.{ext} ignored", shared=True)
+                continue
+            parts[ext] = data
+            if (
+                "json" in parts
+                and any(e in parts for e in IMAGE_EXTENSIONS)
+                and all(e in parts for e in required_extra)
+            ):
+                yield RawSample(url=url, key=key, members=pending.pop(key))
+    except (
+        Exception
+    ) as exn:  # any reader error (missing file, failed pipe, truncated tar) costs this shard only
+        reason = "truncated shard" if members_read else "unreadable shard"
+        counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
+        return
+    for key, parts in pending.items():
+        counter.skip(
+            _incomplete_reason(parts, required_extra), url, key, f"members {sorted(parts)}", shared=True
+        )
+
+
+def _incomplete_reason(parts: dict[str, bytes], required_extra: tuple[str, ...]) -> str:
+    has_image = any(e in parts for e in IMAGE_EXTENSIONS)
+    if has_image and "json" not in parts:
+        return "jpg without json"
+    if "json" in parts and not has_image:
+        return "json without jpg"
+    if has_image:
+        missing = [e for e in required_extra if e not in parts]
+        return f"missing {missing[0]}"
+    return "orphan member"

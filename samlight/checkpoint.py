@@ -1,0 +1,243 @@
+"""Reading and writing SAM weights: official .pth, Lightning .ckpt, safetensors, sharded dirs, official URLs.
+
+Every read uses `torch.load(..., map_location="cpu", weights_only=True)` or safetensors; every load into a model
+is strict, and a mismatch is an error naming the keys and the variant the file would fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from samlight.modeling.image_encoder import timm_to_official
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_URLS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+CACHE_DIR = Path(os.environ.get("SAMLIGHT_CACHE", Path.home() / ".cache" / "samlight"))
+
+_SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+_MAX_LISTED = 10
+
+
+def load_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
+    """Read SAM weights from any supported source and return them with official key names.
+
+    Accepts an official .pth, a Lightning .ckpt (`state_dict` with a `model.` prefix), safetensors, a state dict
+    with `module.` / `model.` / `_orig_mod.` prefixes, a sharded distributed checkpoint directory, or an
+    http(s) URL (downloaded once into ~/.cache/samlight). Keys outside the SAM model of a training checkpoint
+    (e.g. a loss buffer) are dropped; everything else is kept for a strict load.
+    """
+    source = str(path_or_url)
+    if source.startswith(("http://", "https://")):
+        path = _download(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Checkpoint {source} does not exist; official weights: {', '.join(OFFICIAL_URLS.values())}"
+            )
+    if path.is_dir():
+        # Sharded (FSDP / distributed checkpoint) directory, consolidated by the scale-out code.
+        from samlight.distributed_checkpoint import load_full_state_dict
+
+        obj = load_full_state_dict(path)
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ValueError(
+                f"Could not read safetensors file {path}: {e}. Is it truncated or corrupted?"
+            ) from e
+    else:
+        obj = _torch_load(path)
+    return normalize_state_dict(obj, source=str(path))
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(
+            f"Could not read checkpoint {path}: the file looks truncated or corrupted ({str(e).splitlines()[0]}). "
+            "Download or copy it again."
+        ) from e
+    except Exception as e:  # pickle.UnpicklingError and friends from the weights-only unpickler
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        raise ValueError(
+            f"Checkpoint {path} is not a plain state dict (weights-only loading refused it{': ' + detail if detail else ''}). "
+            "samlight only loads tensors; save weights with torch.save(model.state_dict(), path), "
+            "samlight.save_official(model, path) or `samlight export`."
+        ) from e
+
+
+def normalize_state_dict(obj: object, *, source: str = "<state dict>") -> dict[str, Tensor]:
+    """Unwrap a loaded checkpoint object into a flat {official key: tensor} dict.
+
+    Handles Lightning's {"state_dict": ...}, {"model": ...} / {"module": ...} wrappers, key prefixes such as
+    `model.`, `module.`, `_orig_mod.` (torch.compile) and timm-named image encoder keys.
+    """
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"Checkpoint {source} holds a {type(obj).__name__}, not a non-empty state dict")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"Checkpoint {source} is not a plain state dict: {len(not_tensors)} entries are not tensors "
+            f"(e.g. {not_tensors[:5]})"
+        )
+    prefix = _sam_prefix(obj.keys())
+    if prefix:
+        obj = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
+    return timm_to_official(dict(obj))
+
+
+def _sam_prefix(keys) -> str:
+    """The common prefix in front of `image_encoder.` / `prompt_encoder.` / `mask_decoder.` keys ('' if none)."""
+    pattern = re.compile(r"^(.*?)(?:" + "|".join(re.escape(p) for p in _SAM_PARTS) + ")")
+    prefixes = {m.group(1) for k in keys if (m := pattern.match(k))}
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    if "" in prefixes:
+        return ""
+    raise ValueError(
+        f"Checkpoint holds several SAM models under prefixes {sorted(prefixes)}; export one of them"
+    )
+
+
+def infer_variant(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The variant whose image encoder shape (embed dim, depth, patch grid) matches `state_dict`, if any."""
+    from samlight.build import VARIANTS
+
+    pos = state_dict.get("image_encoder.pos_embed")
+    if pos is None:
+        return None
+    depth = 1 + max(
+        (int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))),
+        default=-1,
+    )
+    for name, make in VARIANTS.items():
+        cfg = make()
+        grid = cfg.encoder_img_size // cfg.patch_size
+        if tuple(pos.shape) == (1, grid, grid, cfg.encoder_embed_dim) and depth == cfg.encoder_depth:
+            return name
+    return None
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, allow_missing: tuple[str, ...] = ()
+) -> None:
+    """Raise a ValueError listing missing/unexpected keys and shape mismatches between model and state_dict.
+
+    Works on a model built on the meta device too (only names and shapes are compared).
+    `allow_missing`: key prefixes that may be absent (logged, never silent).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    allowed = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
+    missing = [k for k in missing if k not in allowed]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if allowed:
+        log.warning(
+            "%s: %d keys not in the checkpoint keep their random init: %s", source, len(allowed), allowed
+        )
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"Checkpoint {source} does not fit this model (strict loading):"]
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
+        if items:
+            more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+            lines.append(f"  {len(items)} {title}: {items[:_MAX_LISTED]}{more}")
+    variant = infer_variant(state_dict)
+    if variant:
+        lines.append(
+            f"  The checkpoint looks like variant {variant!r}: build_sam({variant!r}, checkpoint=...)"
+        )
+    else:
+        lines.append("  It matches none of the known variants; check the file is a SAM checkpoint.")
+    raise ValueError("\n".join(lines))
+
+
+def load_into(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, allow_missing: tuple[str, ...] = ()
+) -> None:
+    """Strictly load `state_dict` into `model` (a Sam), with `check_state_dict`'s error on any mismatch."""
+    check_state_dict(model, state_dict, source=source, allow_missing=allow_missing)
+    model.load_state_dict(state_dict, strict=not allow_missing)
+
+
+def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The weights of a Sam (or a module holding one as `.model`) under the official key names, on CPU.
+
+    A module with `merged_model()` (SamModule, which may carry LoRA adapters) is asked for its merged copy.
+    """
+    sam = model.merged_model() if hasattr(model, "merged_model") else getattr(model, "model", model)
+    state = sam.state_dict()
+    extra = [k for k in state if not k.startswith(_SAM_PARTS)]
+    if extra:
+        raise ValueError(f"save_official: {type(sam).__name__} has keys outside the SAM parts: {extra[:10]}")
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_official(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model`'s weights in the official layout (`image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`).
+
+    `segment_anything.sam_model_registry[variant](checkpoint=path)` loads the result with strict keys (for a
+    model built without `text_embed_dim`; a text projection is saved too and is then an extra key). A path
+    ending in `.safetensors` is written as safetensors. The write is atomic (temporary file + rename).
+    """
+    return save_state_dict(official_state_dict(model), path)
+
+
+def save_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Atomically write a flat state dict as .pth (torch.save) or .safetensors; returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(dict(state_dict), str(tmp))
+        else:
+            torch.save(dict(state_dict), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _download(url: str) -> Path:
+    """Fetch `url` into the cache once (never used by tests)."""
+    dst = CACHE_DIR / url.rsplit("/", 1)[-1]
+    if not dst.exists():
+        from torch.hub import download_url_to_file
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        log.info("Downloading %s to %s", url, dst)
+        download_url_to_file(url, str(dst), progress=True)
+    return dst

@@ -1,0 +1,435 @@
+"""`SamModule`: the LightningModule that trains SAM interactively, as in the paper (App. A).
+
+One training loop for pre-training and fine-tuning; behaviour varies by the objects passed in (prompt types,
+corrective clicks, loss) and by the optimiser settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from samlight.datamodules.batch import SegmentationBatch
+from samlight.interaction import Episode, InteractionTrace, run_episode
+from samlight.loss import SamLoss
+from samlight.metrics import MeanAccumulator, mask_dice, mask_iou
+from samlight.optim import (
+    apply_lora,
+    build_adamw,
+    freeze,
+    merged_copy,
+    param_groups,
+    warmup_step_lambda,
+)
+from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, check_prompts
+from samlight.prompts.box import BoxPrompt
+from samlight.prompts.clicks import CorrectiveClicks
+from samlight.prompts.point import PointPrompt
+
+CLICK_COUNTS = (1, 2, 3, 5, 9)
+
+
+class SamModule(LightningModule):
+    """Trains a `Sam` with simulated interactive sessions.
+
+    Args:
+        variant: model variant for `samlight.build_sam` ("tiny", "vit_b", "vit_l", "vit_h").
+        checkpoint: weights to start from (official .pth, Lightning .ckpt, safetensors); None = random init.
+        model_overrides: extra `build_sam` overrides, e.g. {"drop_path_rate": 0.4, "grad_checkpointing": true}.
+        prompts: prompt types of the first round in training (class_path objects or short names such as
+            "point"); default: point and box, as in the paper.
+        prompt_weights: mixture weights of `prompts` (each mask draws its type); default: equal.
+        clicks: corrective clicks in training; default 8 uniform clicks + 2 mask-only rounds (11 rounds).
+        val_prompts: prompt types evaluated in validation, each logged as val/<name>/...; the first one also
+            gives the unprefixed val/miou@k, val/dice and per-label metrics. Default: center point, exact box.
+        val_clicks: corrective clicks in validation; default 8 "center" clicks, no mask-only rounds (mIoU@1..9).
+        loss: the loss; default `SamLoss()` (focal x20 + dice + IoU MSE).
+        detach_feedback: stop gradients through the logits fed back into the next round (default, as the paper
+            feeds predictions back as prompts; gradients through 11 rounds cost memory and destabilise training).
+        checkpoint_rounds: activation checkpointing per decoder round (recompute in backward).
+        lr: peak learning rate (paper: 8e-4).
+        weight_decay: AdamW weight decay (not on norms, biases, position embeddings).
+        layer_decay: layer-wise lr decay over the image-encoder blocks (paper: 0.8; ViT-B 0.6).
+        warmup_steps: linear warmup length in optimizer steps.
+        lr_milestones: steps at which the lr is multiplied by `lr_gamma`.
+        lr_gamma: step decay factor.
+        freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: keep these parts fixed.
+        lora: {"r": 8, "alpha": 16, "dropout": 0.0}: LoRA (peft) on the encoder attention qkv/proj.
+        fsdp_options: keyword arguments for `samlight.distributed.apply_fsdp` under a model-parallel strategy.
+        val_seed: seed of the validation prompts (the same prompts every validation).
+    """
+
+    def __init__(
+        self,
+        *,
+        variant: str = "tiny",
+        checkpoint: str | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        prompts: list[PromptType | str] | None = None,
+        prompt_weights: list[float] | None = None,
+        clicks: CorrectiveClicks | None = None,
+        val_prompts: list[PromptType | str] | None = None,
+        val_clicks: CorrectiveClicks | None = None,
+        loss: SamLoss | None = None,
+        detach_feedback: bool = True,
+        checkpoint_rounds: bool = False,
+        lr: float = 8e-4,
+        weight_decay: float = 0.1,
+        layer_decay: float = 0.8,
+        warmup_steps: int = 250,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        freeze_image_encoder: bool = False,
+        freeze_prompt_encoder: bool = False,
+        freeze_mask_decoder: bool = False,
+        lora: dict[str, float] | None = None,
+        fsdp_options: dict[str, Any] | None = None,
+        val_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["prompts", "clicks", "val_prompts", "val_clicks", "loss"], logger=False
+        )
+        self.prompt_types = [as_prompt_type(p) for p in (prompts or [PointPrompt(), BoxPrompt()])]
+        weights = prompt_weights or [1.0] * len(self.prompt_types)
+        if len(weights) != len(self.prompt_types) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"prompt_weights {weights} must be {len(self.prompt_types)} non-negative numbers (one per "
+                f"prompt type {[p.name for p in self.prompt_types]}) with a positive sum"
+            )
+        self.prompt_weights = torch.tensor(weights, dtype=torch.float)
+        self.clicks = clicks if clicks is not None else CorrectiveClicks()
+        val_types = [as_prompt_type(p) for p in (val_prompts or [PointPrompt(mode="center"), BoxPrompt(noise_std=0.0)])]
+        self.val_prompts = _unique_names(val_types)
+        self.val_clicks = val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
+        self.loss_fn = loss if loss is not None else SamLoss()
+        self.detach_feedback = detach_feedback
+        self.checkpoint_rounds = checkpoint_rounds
+        self.fsdp_options = dict(fsdp_options or {})
+        self.lr_milestones = list(lr_milestones) if lr_milestones is not None else [60000, 86666]
+        self.model = self._build_model(variant, checkpoint, model_overrides or {})
+        freeze(
+            self.model,
+            image_encoder=freeze_image_encoder,
+            prompt_encoder=freeze_prompt_encoder,
+            mask_decoder=freeze_mask_decoder,
+        )
+        if lora:
+            apply_lora(self.model, **lora)
+        self._val_metrics = MeanAccumulator()
+        self._skipped_nonfinite: Tensor | None = None
+        self.miou_history: list[tuple[int, float]] = []
+
+    def _build_model(self, variant: str, checkpoint: str | None, overrides: dict[str, Any]):
+        from samlight.build import build_sam
+
+        text_dims = {p.text_embed_dim for p in [*self.prompt_types, *self.val_prompts.values()]} - {None}
+        if len(text_dims) > 1:
+            raise ValueError(f"text prompt types disagree on the CLIP embedding width: {sorted(text_dims)}")
+        if text_dims and "text_embed_dim" not in overrides:
+            overrides = {**overrides, "text_embed_dim": text_dims.pop()}
+        return build_sam(variant, checkpoint=checkpoint, **overrides)
+
+    # ----------------------------------------------------------------------------------------------- setup
+
+    def configure_model(self) -> None:
+        """Shard with FSDP2 when Lightning's ModelParallelStrategy provides a device mesh."""
+        if self.device_mesh is not None and not getattr(self, "_fsdp_applied", False):
+            from samlight.distributed import apply_fsdp
+
+            apply_fsdp(self.model, self.device_mesh, **self.fsdp_options)
+            self._fsdp_applied = True
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        groups = param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay)
+        optimizer = build_adamw(groups, lr=hp.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_step_lambda(hp.warmup_steps, self.lr_milestones, hp.lr_gamma)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def merged_model(self):
+        """A copy of the `Sam` with LoRA merged in (official parameter names), e.g. for `save_official`."""
+        return merged_copy(self.model)
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: SegmentationBatch, batch_idx: int) -> Tensor:
+        embeddings = self.model.encode_images(batch.images)  # B x C x h x w
+        gt, image_index, weights, text = _flatten_slots(batch)  # N = B*M slots, padding kept with weight 0
+        # Loss and clicks at the low-res logit size; see samlight/loss.py for why.
+        targets = F.avg_pool2d(gt[:, None].float(), 4)[:, 0]  # N x S/4 x S/4 soft
+        click_gt = targets >= 0.5
+        totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
+        total_weight = torch.zeros((), device=gt.device)
+        for ptype, idx in self._split_by_type(gt.shape[0], gt.device):
+            context = PromptContext(
+                images=batch.images,
+                image_index=image_index[idx],
+                input_sizes=batch.input_sizes,
+                text_embeddings=None if text is None else text[idx],
+            )
+            prompts = self._sample(ptype, gt[idx], context, generator=None)
+            w = weights[idx] * ptype.mask_weights(gt[idx], context=context)
+            episode = run_episode(
+                self.model,
+                embeddings,
+                image_index[idx],
+                prompts,
+                click_gt[idx],
+                self.clicks,
+                detach_feedback=self.detach_feedback,
+                checkpoint_rounds=self.checkpoint_rounds,
+            )
+            parts = self._episode_loss(episode, targets[idx], w)  # 4
+            group_weight = w.sum()
+            totals = totals + parts * group_weight
+            total_weight = total_weight + group_weight
+        means = totals / total_weight.clamp(min=1.0)
+        batch_size = batch.images.shape[0]
+        for name, value in zip(("loss", "loss_focal", "loss_dice", "loss_iou"), means):
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+        return means[0]
+
+    def _split_by_type(self, n: int, device: torch.device) -> list[tuple[PromptType, Tensor]]:
+        """Assign each of n masks a prompt type by the mixture weights, as index groups of static size.
+
+        The counts come from a multinomial draw on the CPU and the assignment from a random permutation on the
+        device: the same distribution as an independent draw per mask, without a data-dependent shape.
+        """
+        draws = torch.multinomial(self.prompt_weights, n, replacement=True)
+        counts = torch.bincount(draws, minlength=len(self.prompt_types)).tolist()
+        order = torch.randperm(n, device=device)
+        return [(p, idx) for p, idx in zip(self.prompt_types, order.split(counts)) if idx.numel() > 0]
+
+    def _sample(self, ptype: PromptType, gt: Tensor, context: PromptContext, generator) -> Any:
+        prompts = ptype.sample(gt, context=context, generator=generator)
+        return check_prompts(
+            prompts, num_masks=gt.shape[0], image_size=self.model.image_size, source=repr(ptype)
+        ).to(gt.device)
+
+    def _episode_loss(self, episode: Episode, targets: Tensor, weights: Tensor) -> Tensor:
+        """Mean over rounds of (loss, focal, dice, iou) -> 4."""
+        parts = []
+        for out in episode.rounds:
+            result = self.loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
+            parts.append(torch.stack([result.loss, result.focal, result.dice, result.iou]))
+        return torch.stack(parts).mean(0)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero a non-finite step's gradients on the device (no host sync) and count it.
+
+        AdamW then applies only momentum and weight decay: the weights stay finite. The flag is reduced across
+        ranks so every replica skips together.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        norms = torch._foreach_norm(local)
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = finite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        for g in local:
+            g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+        if self._skipped_nonfinite is None or self._skipped_nonfinite.device != finite.device:
+            self._skipped_nonfinite = torch.zeros((), device=finite.device)
+        self._skipped_nonfinite = self._skipped_nonfinite + (~finite).float()
+        self.log("train/skipped_nonfinite", self._skipped_nonfinite, reduce_fx="max")
+
+    # ------------------------------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: SegmentationBatch, batch_idx: int) -> None:
+        embeddings = self.model.encode_images(batch.images)
+        gt, image_index, slots = _valid_slots(batch)
+        if gt.shape[0] == 0:
+            return
+        region = _inside_image(batch.input_sizes, image_index, gt.shape[-1])  # N x S x S
+        for i, (name, ptype) in enumerate(self.val_prompts.items()):
+            generator = torch.Generator(device=gt.device).manual_seed(self.hparams.val_seed + batch_idx)
+            episode, weights, _ = self._evaluate(
+                batch, embeddings, ptype, self.val_clicks, gt, image_index, slots, region, generator
+            )
+            metrics = self._episode_metrics(episode, gt, region)
+            prefixes = [f"val/{name}/"] + (["val/"] if i == 0 else [])
+            for prefix in prefixes:
+                for key, values in metrics.items():
+                    self._val_metrics.update(prefix + key, values, weights)
+            if name == "box":
+                self._val_metrics.update("val/box/miou", episode.ious[0], weights)
+            if i == 0:
+                self._per_label_metrics(batch, slots, metrics, weights)
+
+    def _evaluate(self, batch, embeddings, ptype, clicks, gt, image_index, slots, region, generator, keep=False):
+        context = PromptContext(
+            images=batch.images,
+            image_index=image_index,
+            input_sizes=batch.input_sizes,
+            text_embeddings=None
+            if batch.text_embeddings is None
+            else batch.text_embeddings.flatten(0, 1)[slots],
+        )
+        prompts = self._sample(ptype, gt, context, generator)
+        weights = ptype.mask_weights(gt, context=context)
+        episode = run_episode(
+            self.model,
+            embeddings,
+            image_index,
+            prompts,
+            gt,
+            clicks,
+            valid_region=region,
+            keep_pred_masks=keep,
+            generator=generator,
+        )
+        return episode, weights, prompts
+
+    def _episode_metrics(self, episode: Episode, gt: Tensor, region: Tensor) -> dict[str, Tensor]:
+        """Per-mask values: miou@k, oracle@1 (best of the first round's outputs), IoU-head error, Dice."""
+        metrics = {f"miou@{k}": episode.ious[k - 1] for k in CLICK_COUNTS if k <= episode.ious.shape[0]}
+        first = episode.rounds[0]
+        outputs = F.interpolate(first.low_res_logits.float(), size=gt.shape[-2:], mode="bilinear")
+        all_ious = mask_iou((outputs > 0) & region[:, None], gt[:, None])  # N x K
+        metrics["oracle@1"] = all_ious.amax(1)
+        chosen_pred = first.iou_predictions.gather(1, first.best[:, None]).squeeze(1).float()
+        metrics["iou_calibration_error"] = (chosen_pred - episode.ious[0]).abs()
+        best_mask = (outputs.gather(1, _index_maps(first.best, outputs)) > 0)[:, 0] & region
+        metrics["dice"] = mask_dice(best_mask, gt)
+        metrics["iou"] = episode.ious[0]
+        return metrics
+
+    def _per_label_metrics(self, batch, slots: Tensor, metrics: dict[str, Tensor], weights: Tensor) -> None:
+        """val/dice/label_<id> and val/iou/label_<id> from `meta[i]["mask_labels"]` (aligned with mask slots)."""
+        num_slots = batch.masks.shape[1]
+        labels = []
+        for slot in slots.tolist():
+            meta = batch.meta[slot // num_slots] if slot // num_slots < len(batch.meta) else {}
+            ids = meta.get("mask_labels") if isinstance(meta, dict) else None
+            labels.append(ids[slot % num_slots] if ids is not None and slot % num_slots < len(ids) else None)
+        for label in sorted({x for x in labels if x is not None}, key=str):
+            sel = torch.tensor([x == label for x in labels], device=weights.device)
+            w = weights * sel.float()
+            self._val_metrics.update(f"val/dice/label_{label}", metrics["dice"], w)
+            self._val_metrics.update(f"val/iou/label_{label}", metrics["iou"], w)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        results = {k: v for k, v in self._val_metrics.compute(self.device).items() if not k.endswith("/iou")}
+        self._val_metrics.reset()
+        if not results:
+            return
+        self.log_dict(results)
+        if "val/miou@1" in results:
+            value = float(results["val/miou@1"])
+            self.miou_history.append((self.global_step, value))
+            when = "before training" if self.global_step == 0 else f"step {self.global_step}"
+            self.print(f"samlight: 1-click mIoU ({next(iter(self.val_prompts))}) {when}: {value:.3f}")
+
+    def on_fit_end(self) -> None:
+        if len(self.miou_history) >= 2:
+            (s0, first), (s1, last) = self.miou_history[0], self.miou_history[-1]
+            self.print(f"samlight: 1-click mIoU {first:.3f} (step {s0}) -> {last:.3f} (step {s1})")
+
+    # ------------------------------------------------------------------------------------------- interact
+
+    def interact(
+        self,
+        batch: SegmentationBatch,
+        prompt: str = "point",
+        num_clicks: int = 8,
+        mode: str = "center",
+        max_masks_per_image: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> InteractionTrace:
+        """Simulate an interactive session on `batch` (the validation code path), e.g. for mask panels.
+
+        Args:
+            batch: a SegmentationBatch on the module's device.
+            prompt: short name of a configured prompt type (validation types first, then training types).
+            num_clicks: corrective clicks after the initial prompt.
+            mode: click placement, "center" (evaluation) or "uniform".
+            max_masks_per_image: use at most the first k valid masks of each image.
+            generator: random source (prompt noise, uniform clicks).
+
+        Returns:
+            InteractionTrace with N = the selected masks.
+        """
+        ptype = self._prompt_by_name(prompt)
+        embeddings = self.model.encode_images(batch.images)
+        gt, image_index, slots = _valid_slots(batch, max_masks_per_image)
+        region = _inside_image(batch.input_sizes, image_index, gt.shape[-1])
+        clicks = CorrectiveClicks(num_clicks=num_clicks, mask_only_rounds=0, mode=mode)
+        episode, _, prompts = self._evaluate(
+            batch, embeddings, ptype, clicks, gt, image_index, slots, region, generator, keep=True
+        )
+        return InteractionTrace(
+            image_index=image_index,
+            gt_masks=gt,
+            prompts=prompts,
+            click_coords=episode.click_coords,
+            click_labels=episode.click_labels,
+            pred_masks=episode.pred_masks,
+            ious=episode.ious,
+            prompt_name=prompt,
+        )
+
+    def _prompt_by_name(self, name: str) -> PromptType:
+        if name in self.val_prompts:
+            return self.val_prompts[name]
+        for ptype in self.prompt_types:
+            if ptype.name == name:
+                return ptype
+        known = sorted(set(self.val_prompts) | {p.name for p in self.prompt_types})
+        raise KeyError(f"SamModule.interact: no prompt type named {name!r}; configured: {known}")
+
+
+def _flatten_slots(batch: SegmentationBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """All B*M mask slots with static shapes: gt N x S x S bool, image_index N, weights N, text N x D | None."""
+    b, m = batch.mask_valid.shape
+    gt = batch.masks.flatten(0, 1)  # (B*M) x S x S
+    image_index = torch.arange(b, device=gt.device).repeat_interleave(m)
+    weights = batch.mask_valid.flatten().float()
+    text = None if batch.text_embeddings is None else batch.text_embeddings.flatten(0, 1)
+    return gt, image_index, weights, text
+
+
+def _valid_slots(batch: SegmentationBatch, max_per_image: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The valid masks only (evaluation; this syncs with the host): gt N x S x S, image_index N, slots N."""
+    valid = batch.mask_valid
+    if max_per_image is not None:
+        valid = valid & (valid.long().cumsum(1) <= max_per_image)
+    slots = valid.flatten().nonzero().squeeze(1)  # N flat slot indices
+    m = valid.shape[1]
+    return batch.masks.flatten(0, 1)[slots], torch.div(slots, m, rounding_mode="floor"), slots
+
+
+def _inside_image(input_sizes: Tensor, image_index: Tensor, size: int) -> Tensor:
+    """N x S x S bool: pixels inside each mask's image (before the bottom-right padding)."""
+    hw = input_sizes.to(image_index.device)[image_index]  # N x 2
+    ys = torch.arange(size, device=image_index.device)
+    return (ys[None, :, None] < hw[:, 0, None, None]) & (ys[None, None, :] < hw[:, 1, None, None])
+
+
+def _index_maps(best: Tensor, outputs: Tensor) -> Tensor:
+    return best[:, None, None, None].expand(-1, 1, *outputs.shape[-2:])
+
+
+def _unique_names(types: list[PromptType]) -> dict[str, PromptType]:
+    named: dict[str, PromptType] = {}
+    for ptype in types:
+        name, k = ptype.name, 1
+        while name in named:
+            k += 1
+            name = f"{ptype.name}{k}"
+        named[name] = ptype
+    return named

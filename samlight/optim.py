@@ -1,0 +1,135 @@
+"""Optimiser, schedule, freezing and LoRA for SAM (paper App. A defaults).
+
+AdamW over parameter groups with layer-wise lr decay across the image-encoder blocks and no weight decay on
+norms, biases and position embeddings; linear warmup then step decay; LoRA on the encoder attention via peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+# Encoder parameters before the first block (patch embedding, absolute position embedding) share its layer id 0.
+_STEM = ("patch_embed", "pos_embed")
+# Position embeddings (absolute and relative) and learned tokens act like biases: decaying them to 0 hurts.
+_NO_DECAY_NAMES = ("pos_embed", "rel_pos", "_token", "positional_encoding")
+
+
+def layer_id(name: str, num_blocks: int) -> int:
+    """Layer of a parameter for lr decay: 0 encoder stem, i + 1 encoder block i, num_blocks + 1 the rest."""
+    if name.startswith("image_encoder."):
+        match = _BLOCK.search(name)
+        if match:
+            return int(match.group(1)) + 1
+        if any(part in name for part in _STEM):
+            return 0
+    return num_blocks + 1
+
+
+def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """False for norms and biases (1-d) and for position embeddings and learned tokens."""
+    return param.ndim > 1 and not any(part in name for part in _NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups for the trainable parameters of a `Sam`.
+
+    The lr of encoder layer i is `lr * layer_decay ** (num_blocks + 1 - i)`: early blocks move least, the
+    neck, prompt encoder and mask decoder train at the full lr.
+
+    Returns:
+        A list of {"params", "lr", "weight_decay", "name"} dicts (empty groups left out).
+    """
+    num_blocks = _num_blocks(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, num_blocks)
+        decay = uses_weight_decay(name, param)
+        key = (layer, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": lr * layer_decay ** (num_blocks + 1 - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"layer{layer}_{'decay' if decay else 'no_decay'}",
+            }
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: float):
+    """lr factor at an optimizer step: linear warmup to 1 over `warmup_steps`, then x gamma at each milestone."""
+    milestones = sorted(milestones)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warm * gamma ** bisect_right(milestones, step)
+
+    return factor
+
+
+def freeze(model: nn.Module, *, image_encoder: bool = False, prompt_encoder: bool = False, mask_decoder: bool = False):
+    """Set requires_grad False on the named parts of a `Sam`."""
+    for part, frozen in (
+        ("image_encoder", image_encoder),
+        ("prompt_encoder", prompt_encoder),
+        ("mask_decoder", mask_decoder),
+    ):
+        if frozen:
+            getattr(model, part).requires_grad_(False)
+
+
+def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
+    """Wrap `model.image_encoder` with peft LoRA on each block's attention `qkv` and `proj`.
+
+    peft freezes the rest of the encoder; prompt encoder and mask decoder keep their own requires_grad.
+    Returns the model (changed in place).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs peft: pip install 'samlight[lora]'") from err
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        # Attention projections only: `proj` alone would also match the patch-embedding convolution.
+        target_modules=r".*blocks\.\d+\.attn\.(qkv|proj)",
+    )
+    model.image_encoder = get_peft_model(model.image_encoder, config)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return hasattr(model.image_encoder, "merge_and_unload")
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose LoRA weights are merged into the encoder (official parameter names again)."""
+    model = copy.deepcopy(model)
+    if has_lora(model):
+        model.image_encoder = model.image_encoder.merge_and_unload()
+    return model
+
+
+def _num_blocks(model: nn.Module) -> int:
+    names = [name for name, _ in model.named_parameters() if name.startswith("image_encoder.")]
+    ids = [int(m.group(1)) for m in map(_BLOCK.search, names) if m]
+    return max(ids) + 1 if ids else 0
+
+
+def build_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    if not groups:
+        raise ValueError(
+            "no trainable parameters: every part of the model is frozen (freeze_image_encoder / "
+            "freeze_prompt_encoder / freeze_mask_decoder) and no LoRA is configured"
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
