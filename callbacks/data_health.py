@@ -6,6 +6,7 @@ visible on the dashboard. Works with any datamodule that has `skip_counts() -> d
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch.distributed as dist
@@ -35,7 +36,7 @@ class DataHealth(Callback):
         if counts is None:
             return
         counts = _sum_over_ranks(counts)
-        metrics = {f"data/skipped/{reason}": float(n) for reason, n in sorted(counts.items())}
+        metrics = {f"data/skipped/{_metric_name(reason)}": float(n) for reason, n in sorted(counts.items())}
         metrics["data/skipped/total"] = float(sum(counts.values()))
         for name, value in metrics.items():
             # Already summed over ranks, identical everywhere: no further reduction.
@@ -67,3 +68,8 @@ def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
         for reason, n in (rank_counts or {}).items():
             total[reason] = total.get(reason, 0) + int(n)
     return total
+
+
+def _metric_name(reason: str) -> str:
+    """ "corrupt image" -> "corrupt_image": dashboards and CSV headers handle plain names best."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", str(reason)).strip("_") or "unknown"

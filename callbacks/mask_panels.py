@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
@@ -185,7 +186,8 @@ def _mask_layers(panel: Panel, prediction) -> dict[str, dict[str, Any]]:
 def _log_wandb(logger: WandbLogger, panels: list[Panel], step: int) -> None:
     """One key per prompt type and stage: `panels/<prompt>/first_prompt` and `panels/<prompt>/last_click`."""
     for prompt in dict.fromkeys(p.prompt_name for p in panels):
-        rows = [p for p in panels if p.prompt_name == prompt]
+        # W&B shows a list of images correctly only when all have one size: pad bottom-right to the largest.
+        rows = _pad_to_common_size([p for p in panels if p.prompt_name == prompt])
         logger.log_image(
             key=f"panels/{prompt}/first_prompt",
             images=[p.first_drawn for p in rows],
@@ -200,6 +202,26 @@ def _log_wandb(logger: WandbLogger, panels: list[Panel], step: int) -> None:
             masks=[_mask_layers(p, p.last) for p in rows],
             caption=[p.caption("last") for p in rows],
         )
+
+
+def _pad_to_common_size(panels: list[Panel]) -> list[Panel]:
+    h = max(p.image.shape[0] for p in panels)
+    w = max(p.image.shape[1] for p in panels)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        widths = [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        return np.pad(a, widths)
+
+    return [
+        replace(
+            p,
+            **{
+                name: pad(getattr(p, name))
+                for name in ("image", "gt", "first", "last", "first_drawn", "last_drawn")
+            },
+        )
+        for p in panels
+    ]
 
 
 def _write_pngs(directory: Path, panels: list[Panel]) -> None:

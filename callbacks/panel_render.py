@@ -111,10 +111,18 @@ def label_map(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a label map's colours onto an image. image: H x W x 3 uint8; labels: H x W uint8 -> H x W x 3 uint8."""
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a label map's colours onto an image and outline each mask in its full colour (fills alone vanish on
+    busy or similarly coloured images). image: H x W x 3 uint8; labels: H x W uint8 -> H x W x 3 uint8."""
     colours = _PALETTE[(labels.astype(np.int64) - 1) % len(_PALETTE)]  # H x W x 3
-    blended = np.where(labels[..., None] > 0, (1 - alpha) * image + alpha * colours, image)
+    inside = labels[..., None] > 0
+    blended = np.where(inside, (1 - alpha) * image + alpha * colours, image)
+    edge = np.zeros(labels.shape, dtype=bool)  # pixels with a 4-neighbour of another label
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    blended = np.where((edge & (labels > 0))[..., None], colours, blended)
     return blended.round().astype(np.uint8)
 
 

@@ -52,7 +52,7 @@ class SamlightProgressBar(RichProgressBar):
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         rate = self.images_per_second()
-        if rate is not None and trainer.training:
+        if rate is not None:
             items["img/s"] = f"{rate:.1f}"
         return items
 

@@ -10,6 +10,7 @@ import argparse
 import io
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +92,14 @@ def run(args: argparse.Namespace) -> ConvertSummary:
                 )
                 continue
             try:
-                sample = _convert_one(path, source, args, summary)
+                pixels, annotations, info = _convert_one(path, source, args, summary)
             except SkipInput as err:
                 summary.skip(err.reason, str(path), str(err))
                 continue
-            image, jpeg, masks, info = sample
-            if masks.shape[0] == 0:
+            if not annotations:
                 summary.skip("no masks", str(path), "no object left after --min-area / --ignore-value")
                 continue
             key = unique_key(stem, used_keys)
-            annotations = annotations_from_masks(masks)
-            for ann, label in zip(annotations, info.pop("labels")):
-                ann["instance_id"] = label
-            pixels = jpeg if jpeg is not None else image
             writer.write(key, pixels, annotations=annotations, image_info=info, quality=args.quality)
     for stem, source in masks_by_stem.items():
         summary.skip("unmatched mask", str(source), f"no image with stem {stem} in {args.images}")
@@ -149,9 +145,9 @@ def _index_masks(root: Path, mode: str, suffix: str) -> dict[str, Path]:
 
 def _convert_one(
     image_path: Path, source: Path, args: argparse.Namespace, summary: ConvertSummary
-) -> tuple[np.ndarray, bytes | None, np.ndarray, dict[str, Any]]:
-    """Read one image and its masks. Returns (image H x W x 3 uint8, original JPEG bytes or None,
-    masks M x H x W bool, image info with the per-mask "labels")."""
+) -> tuple[np.ndarray | bytes, list[dict[str, Any]], dict[str, Any]]:
+    """Read one image and its masks. Returns (original JPEG bytes, or H x W x 3 uint8 pixels when the image must
+    be re-encoded; SA-1B annotations, each with the `instance_id` it came from; json image info)."""
     image, jpeg = read_image(image_path)
     height, width = image.shape[:2]
     if args.mask_mode == "instance":
@@ -160,21 +156,23 @@ def _convert_one(
             raise SkipInput(
                 "size mismatch", f"mask {source} is {labels.shape[:2]}, image is {(height, width)}"
             )
-        masks, ids = instance_masks(
+        chunks = iter_instance_masks(
             labels, connected_components=args.connected_components, ignore=tuple(args.ignore_value)
         )
     else:
-        masks, ids = _binary_masks(source, (height, width), summary, args.connected_components)
-    areas = masks.sum(axis=(1, 2))
-    keep = areas >= args.min_area
-    summary.drop_masks("below --min-area", int((~keep).sum()))
-    info = {
-        "source_file": image_path.name,
-        "height": height,
-        "width": width,
-        "labels": [ids[i] for i in np.flatnonzero(keep)],
-    }
-    return image, jpeg, masks[keep], info
+        chunks = _iter_binary_masks(source, (height, width), summary, args.connected_components)
+    annotations: list[dict[str, Any]] = []
+    # Chunk by chunk, so an image with thousands of objects never holds all its masks at full size.
+    for masks, ids in chunks:  # K x H x W bool, K label ids
+        keep = np.flatnonzero(masks.sum(axis=(1, 2)) >= args.min_area)
+        summary.drop_masks("below --min-area", masks.shape[0] - keep.size)
+        if keep.size:
+            chunk_annotations = annotations_from_masks(masks[keep], start_id=len(annotations))
+            for ann, index in zip(chunk_annotations, keep):
+                ann["instance_id"] = ids[index]
+            annotations.extend(chunk_annotations)
+    info = {"source_file": image_path.name, "height": height, "width": width}
+    return (jpeg if jpeg is not None else image), annotations, info
 
 
 def read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
@@ -251,21 +249,27 @@ def instance_masks(
     Returns:
         masks M x H x W bool, and the M label ids they came from (in increasing order).
     """
+    chunks = list(iter_instance_masks(labels, connected_components=connected_components, ignore=ignore))
+    if not chunks:
+        flat = _flatten_label_colours(labels)
+        return np.zeros((0, *flat.shape), dtype=bool), []
+    return np.concatenate([m for m, _ in chunks]), [i for _, ids in chunks for i in ids]
+
+
+def iter_instance_masks(
+    labels: np.ndarray, *, connected_components: bool = False, ignore: tuple[int, ...] = ()
+) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """`instance_masks` in chunks of at most `MASK_CHUNK` labels: yields (K x H x W bool, K label ids)."""
     labels = _flatten_label_colours(labels)
     ids = [int(v) for v in np.unique(labels) if v != 0 and int(v) not in ignore]
-    chunks, chunk_ids = [], []
     for begin in range(0, len(ids), MASK_CHUNK):
         block = np.asarray(ids[begin : begin + MASK_CHUNK], dtype=labels.dtype)
         masks = labels[None] == block[:, None, None]  # K x H x W
         if connected_components:
             masks, owners = split_components(masks)
-            chunk_ids.extend(int(block[i]) for i in owners)
+            yield masks, [int(block[i]) for i in owners]
         else:
-            chunk_ids.extend(int(v) for v in block)
-        chunks.append(masks)
-    height, width = labels.shape
-    masks = np.concatenate(chunks) if chunks else np.zeros((0, height, width), dtype=bool)
-    return masks, chunk_ids
+            yield masks, [int(v) for v in block]
 
 
 def split_components(masks: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -296,10 +300,11 @@ def _flatten_label_colours(labels: np.ndarray) -> np.ndarray:
     raise SkipInput("unsupported mask", f"label array has shape {labels.shape}, expected H x W or H x W x 3")
 
 
-def _binary_masks(
+def _iter_binary_masks(
     folder: Path, size: tuple[int, int], summary: ConvertSummary, connected_components: bool
-) -> tuple[np.ndarray, list[int]]:
-    """One mask per file in `folder` (nonzero = object); unreadable or mis-sized files are skipped and counted."""
+) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """One mask per file in `folder` (nonzero = object), in chunks: yields (K x H x W bool, K file indices).
+    Unreadable or mis-sized files are skipped and counted on their own."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
     masks, ids = [], []
     for index, path in enumerate(files):
@@ -315,10 +320,15 @@ def _binary_masks(
         colour = array if array.ndim == 2 else array[..., : 1 if array.shape[2] in (1, 2) else 3].max(-1)
         masks.append(colour > 0)
         ids.append(index)
-    if not masks:
-        return np.zeros((0, *size), dtype=bool), []
-    stacked = np.stack(masks)
-    if connected_components:
-        stacked, owners = split_components(stacked)
-        ids = [ids[i] for i in owners]
-    return stacked, ids
+        if len(masks) == MASK_CHUNK or index == len(files) - 1:
+            yield _components(np.stack(masks), ids, connected_components)
+            masks, ids = [], []
+    if masks:
+        yield _components(np.stack(masks), ids, connected_components)
+
+
+def _components(masks: np.ndarray, ids: list[int], split: bool) -> tuple[np.ndarray, list[int]]:
+    if not split:
+        return masks, ids
+    parts, owners = split_components(masks)
+    return parts, [ids[i] for i in owners]

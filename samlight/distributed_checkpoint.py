@@ -68,7 +68,9 @@ def _empty_model_state(metadata: Metadata, *, source: Path) -> dict[str, torch.T
         if inner is None:
             continue
         if not isinstance(item, TensorStorageMetadata):
-            raise ValueError(f"{source}: model entry {flat_key!r} is not a tensor; not a samlight checkpoint?")
+            raise ValueError(
+                f"{source}: model entry {flat_key!r} is not a tensor; not a samlight checkpoint?"
+            )
         state[inner] = torch.empty(item.size, dtype=item.properties.dtype)
     if not state:
         raise ValueError(
@@ -95,5 +97,7 @@ def _lightning_metadata(path: Path) -> dict[str, Any]:
     try:
         return dict(torch.load(meta_file, map_location="cpu", weights_only=True))
     except Exception as e:  # objects the weights-only unpickler refuses; the weights are still complete
-        log.warning("samlight: %s not read with weights_only=True (%s); returning the weights only", meta_file, e)
+        log.warning(
+            "samlight: %s not read with weights_only=True (%s); returning the weights only", meta_file, e
+        )
         return {}

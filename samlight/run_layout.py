@@ -7,15 +7,24 @@ would land in another folder. `run_dir` reproduces the checkpoint rule, and `Sav
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+
+# Keep null values in the saved config (it must reproduce the run); jsonargparse renamed the switch in 4.49.
+_KEEP_NONE = (
+    {"skip_unset": False}
+    if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
+    else {"skip_none": False}
+)
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -52,9 +61,7 @@ class SaveRunConfig(SaveConfigCallback):
                     f"{path} exists: this run directory belongs to an earlier run. Pick another logger "
                     "name/version, or delete the file."
                 )
-            self.parser.save(
-                self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile
-            )
+            self.parser.save(self.config, str(path), **_KEEP_NONE, overwrite=True, multifile=self.multifile)
             rank_zero_info(f"samlight: run directory {directory} (config.yaml, checkpoints/, panels/)")
             self._to_logger(trainer, path)
             self.already_saved = True
@@ -64,7 +71,7 @@ class SaveRunConfig(SaveConfigCallback):
     def _to_logger(self, trainer: Trainer, path: Path) -> None:
         if trainer.logger is None:
             return
-        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        config = json.loads(self.parser.dump(self.config, **_KEEP_NONE, format="json"))
         trainer.logger.log_hyperparams(_strip_internal(config))
         if isinstance(trainer.logger, WandbLogger):
             # Files in the run's files dir are uploaded with it (also by `wandb sync`). A copy, not `wandb.save`:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from samlight.datamodules.convert import ConvertSummary
@@ -341,6 +343,11 @@ def test_prepare_resizes_drops_large_masks_and_keeps_fields(tmp_path: Path, capl
     raw_rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
     expected = decode_masks(raw_rles, (height, width), (new_h, new_w), size)[:, :new_h, :new_w].numpy()
     np.testing.assert_array_equal(shard_masks(record), expected)
+    # ... which is a full pycocotools decode followed by torch's nearest-exact resize.
+    reference = F.interpolate(
+        torch.from_numpy(masks)[None].float(), size=(new_h, new_w), mode="nearest-exact"
+    )[0]
+    np.testing.assert_array_equal(expected, reference.numpy() > 0.5)
     assert [a["area"] for a in record["annotations"]] == [int(m.sum()) for m in expected]
     assert all("point_coords" in a and "predicted_iou" in a for a in record["annotations"])
     with tarfile.open(out / "sa_000001.tar") as tar:  # per-mask rows follow the kept masks
@@ -397,3 +404,30 @@ def test_inspect_fails_clearly_when_nothing_is_readable(tmp_path: Path, capsys) 
     bad.write_bytes(b"this is not a tar file")
     assert run_data("inspect", bad) == 1
     assert "no readable sample" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prepare_with_workers_matches_one_process(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for shard in range(2):
+        image = rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)
+        write_raw_shard(
+            raw / f"sa_{shard:06d}.tar", [(f"sa_{shard}", image, blobs(50, 80, 4, rng))], broken=False
+        )
+    pattern = str(raw / "sa_{000000..000001}.tar")
+    assert run_data("prepare", "--input", pattern, "--output", tmp_path / "one", "--image-size", 32) == 0
+    assert (
+        run_data(
+            "prepare", "--input", pattern, "--output", tmp_path / "two", "--image-size", 32, "--workers", 2
+        )
+        == 0
+    )
+    names = sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
+    assert names == ["sa_000000.tar", "sa_000001.tar"]
+    one, two = read_shards(tmp_path / "one"), read_shards(tmp_path / "two")
+    assert sorted(one) == sorted(two) == ["sa_0", "sa_1"]
+    for key in one:
+        assert one[key][1] == two[key][1]
+        np.testing.assert_array_equal(one[key][0], two[key][0])

@@ -57,6 +57,26 @@ def read_shards(folder: Path) -> dict[str, dict]:
     return samples
 
 
+def stream_datamodule(folder: Path, image_size: int) -> dict[str, dict]:
+    """key -> {"masks": n x S x S bool, "labels": [...], "info": {...}}: what training sees, via SA1BDataModule."""
+    from samlight.datamodules.sa1b import SA1BDataModule
+
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    dm = SA1BDataModule(train_urls=None, val_urls=urls, batch_size=2, num_workers=0, image_size=image_size)
+    dm.setup("validate")
+    seen = {}
+    for batch in dm.val_dataloader():
+        for i, meta in enumerate(batch.meta):
+            assert meta["key"] not in seen, f"{meta['key']} streamed twice"
+            valid = batch.mask_valid[i]
+            seen[meta["key"]] = {
+                "masks": batch.masks[i][valid].numpy(),
+                "labels": meta["mask_labels"],
+                "info": meta["image_info"],
+            }
+    return seen
+
+
 def convert(tmp_path: Path, *extra: str, scene="scene.tif", labels="labels.tif", out="shards") -> int:
     return convert_main(
         ["--format", "geotiff", "--images", str(tmp_path / scene), "--labels", str(tmp_path / labels),
@@ -99,6 +119,13 @@ def test_tiles_with_labels_one_mask_per_instance_and_georeference(tmp_path, capl
             if col == 0:
                 assert sample["image"][:, :5].mean() < 12  # nodata strip black (up to JPEG ringing)
     assert seen == {1, 2, 3, 4}  # nothing lost
+    # the same tiles stream through SA1BDataModule: each once, one mask per instance, georeference kept
+    streamed = stream_datamodule(tmp_path / "shards", image_size=128)
+    assert sorted(streamed) == sorted(samples)
+    for key, sample in samples.items():
+        np.testing.assert_array_equal(streamed[key]["masks"], sample["masks"])
+        assert streamed[key]["info"]["transform"] == sample["json"]["image"]["transform"]
+        assert streamed[key]["info"]["crs"] == wkt
     assert "tile without labels" not in caplog.text  # counted quietly, not one warning per tile
 
 

@@ -57,6 +57,26 @@ def read_shards(folder: Path) -> dict[str, dict]:
     return samples
 
 
+def stream_datamodule(folder: Path, image_size: int) -> dict[str, dict]:
+    """key -> {"masks": n x S x S bool, "labels": [...], "info": {...}}: what training sees, via SA1BDataModule."""
+    from samlight.datamodules.sa1b import SA1BDataModule
+
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    dm = SA1BDataModule(train_urls=None, val_urls=urls, batch_size=2, num_workers=0, image_size=image_size)
+    dm.setup("validate")
+    seen = {}
+    for batch in dm.val_dataloader():
+        for i, meta in enumerate(batch.meta):
+            assert meta["key"] not in seen, f"{meta['key']} streamed twice"
+            valid = batch.mask_valid[i]
+            seen[meta["key"]] = {
+                "masks": batch.masks[i][valid].numpy(),
+                "labels": meta["mask_labels"],
+                "info": meta["image_info"],
+            }
+    return seen
+
+
 def convert(tmp_path: Path, *extra: str, fmt: str = "nifti", images=None, labels=None, out="shards") -> int:
     return convert_main(
         [
@@ -98,6 +118,13 @@ def test_nifti_one_sample_per_labelled_slice_and_mask_per_component(tmp_path):
     counts = {k: len(s["masks"]) for k, s in samples.items()}
     assert counts == {"case_001_z002": 1, "case_001_z003": 3, "case_001_z004": 2, "case_001_z005": 1}
     assert {a["category_id"] for a in samples["case_001_z003"]["json"]["annotations"]} == {1, 2}
+    # the same samples stream through SA1BDataModule: every slice once, every mask with its label id
+    streamed = stream_datamodule(tmp_path / "shards", image_size=64)
+    assert sorted(streamed) == sorted(samples)
+    for key, sample in samples.items():
+        np.testing.assert_array_equal(streamed[key]["masks"], sample["masks"])
+        assert streamed[key]["labels"] == [a["category_id"] for a in sample["json"]["annotations"]]
+        assert streamed[key]["info"]["slice_index"] == sample["json"]["image"]["slice_index"]
 
 
 def test_without_connected_components_one_mask_per_label_id(tmp_path):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from samlight.callbacks.panel_render import (
     BACKGROUND_CLICK,
     BOX_COLOR,
@@ -20,8 +19,9 @@ from samlight.callbacks.panel_render import (
     panel_png,
     panels_from_trace,
 )
-from samlight.interaction import InteractionTrace
 from samlight.prompts.types import Prompts
+
+from samlight.interaction import InteractionTrace
 
 S = 64
 
@@ -46,7 +46,9 @@ def _trace(prompt: str) -> InteractionTrace:
     click_coords = torch.tensor([[[30.0, 30.0]], [[14.0, 14.0]], [[50.0, 50.0]]])  # 3 x 1 x 2, (x, y)
     click_labels = torch.tensor([[1], [1], [0]])
     if prompt == "box":
-        prompts = Prompts(boxes=torch.tensor([[8.0, 8.0, 37.0, 37.0], [12.0, 12.0, 17.0, 17.0], [4.0, 20.0, 13.0, 29.0]]))
+        prompts = Prompts(
+            boxes=torch.tensor([[8.0, 8.0, 37.0, 37.0], [12.0, 12.0, 17.0, 17.0], [4.0, 20.0, 13.0, 29.0]])
+        )
     else:
         prompts = Prompts(
             point_coords=torch.tensor([[[20.0, 20.0]], [[14.0, 14.0]], [[8.0, 24.0]]]),
@@ -128,3 +130,53 @@ def test_panel_png_has_three_tiles(tmp_path: Path) -> None:
     panel_png(panel).save(path)
     png = Image.open(path)
     assert png.size[0] == 3 * 48 + 2 * 4 and png.size[1] > S
+
+
+SHORT_RUN = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.max_masks=4",
+    "--panels.num_images=2",
+    "--panels.num_clicks=2",
+    "--panels.max_masks_per_image=3",
+]
+
+
+@pytest.mark.slow
+def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Without W&B: PNG panels, config.yaml and checkpoints in one `runs/<config name>/version_0` directory."""
+    import logging
+    import sys
+
+    from samlight.train_cli import default_config_path, run_cli
+
+    monkeypatch.setattr(sys, "argv", ["samlight"])
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        run_cli(
+            [
+                "fit",
+                "--config",
+                default_config_path(),
+                *SHORT_RUN,
+                f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            ]
+        )
+
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    pngs = sorted(p.name for p in (run_dir / "panels" / "step_2").glob("*.png"))
+    assert pngs == ["box_image0.png", "box_image1.png", "point_image0.png", "point_image1.png"]
+    sheet = np.asarray(Image.open(run_dir / "panels" / "step_2" / "point_image0.png").convert("RGB"))
+    assert sheet.shape[1] > 2 * sheet.shape[0] // 2 and sheet.std() > 10  # three tiles with content
+    # The model summary with trainable/frozen counts is on.
+    assert "Trainable params" in caplog.text and "Non-trainable params" in caplog.text
+    assert "model.image_encoder" in caplog.text and "frozen" in caplog.text
