@@ -65,6 +65,7 @@ class MaskPanels(Callback):
         self._from_validation = False
         self._last_step = -1
         self._disabled = num_images == 0
+        self._missing_prompts: set[str] = set()
 
     # -- choosing the images -------------------------------------------------------------------------------
 
@@ -112,7 +113,10 @@ class MaskPanels(Callback):
         Every rank runs the interaction: under FSDP a forward pass is a collective, so rank zero cannot run it alone.
         """
         step = trainer.global_step
-        if self._batch is None or step == self._last_step:
+        if step == self._last_step:
+            return []
+        # All ranks or none: a rank that saw no validation batch must not leave the others in a collective.
+        if not trainer.strategy.reduce_boolean_decision(self._batch is not None, all=True):
             return []
         if not hasattr(pl_module, "interact"):
             rank_zero_warn(
@@ -142,7 +146,7 @@ class MaskPanels(Callback):
         try:
             # The trainer's precision context (e.g. bf16 autocast) so panels show what validation measures.
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                for prompt in self.prompts:
+                for prompt in [p for p in self.prompts if p not in self._missing_prompts]:
                     generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                     try:
                         trace = pl_module.interact(
@@ -154,7 +158,8 @@ class MaskPanels(Callback):
                             generator=generator,
                         )
                     except KeyError as err:  # a prompt type this model is not configured with
-                        rank_zero_warn(f"MaskPanels: skipping prompt {prompt!r}: {err}")
+                        rank_zero_warn(f"MaskPanels: no panels for prompt {prompt!r}: {err}")
+                        self._missing_prompts.add(prompt)
                         continue
                     traces.append(trace)
         finally:

@@ -172,9 +172,8 @@ def decode_masks(
         M x S x S bool, equal to pycocotools decode + nearest-exact resize + pad.
     """
     (height, width), (h, w) = original_size, input_size
-    out = torch.zeros(len(rles), size, size, dtype=torch.bool)
     if not rles:
-        return out
+        return torch.zeros(0, size, size, dtype=torch.bool)
     # Sample positions in RLE order (column-major): column cols[x], row rows[y] -> cols[x] * H + rows[y].
     rows = nearest_source_index(height, h)
     # Upsampling repeats columns; positions must be non-decreasing, so sample each source column once.
@@ -194,6 +193,10 @@ def decode_masks(
     masks = torch.from_numpy(flat.view(np.bool_)).view(len(rles), cols.size, h)  # M x w' x h (column-major)
     if cols.size != w:
         masks = masks[:, torch.from_numpy(col_of_x)]  # M x w x h
+    # Only the padding is zeroed: the image area is written once, by the transposing copy.
+    out = torch.empty(len(rles), size, size, dtype=torch.bool)
+    out[:, h:].zero_()
+    out[:, :h, w:].zero_()
     out[:, :h, :w] = masks.transpose(1, 2)
     return out
 

@@ -102,20 +102,20 @@ def synthetic_scene(
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # Background: two random colours blended along a random direction, plus low-frequency stripes and noise.
-    c0, c1 = rng.uniform(40, 215, size=(2, 3))
+    c0, c1 = rng.uniform(40, 215, size=(2, 3)).astype(np.float32)
     angle = rng.uniform(0, np.pi)
-    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 2
+    t = ((np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 2)[..., None]
     stripes = 12 * np.sin(xx / rng.uniform(6, 20) + yy / rng.uniform(6, 20))
-    image = c0 * (1 - t[..., None]) + c1 * t[..., None] + stripes[..., None]
-    image += rng.normal(0, 6, size=(h, w, 3))
+    image = c0 * (1 - t) + c1 * t + stripes[..., None]
+    image += 6 * rng.standard_normal(size=(h, w, 3), dtype=np.float32)
     owner = np.full((h, w), -1, dtype=np.int32)
     labels = []
     for index in range(int(rng.integers(3, 9))):
         kind = rng.choice(list(SHAPE_LABELS))
         shape = _shape_mask(kind, h, w, rng)
-        colour = rng.uniform(0, 255, size=3)
-        shade = 1 + 0.15 * np.sin(xx / rng.uniform(3, 9))[..., None]  # a little texture inside the object
-        image = np.where(shape[..., None], colour * shade, image)
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        shade = 1 + 0.15 * np.sin(xx[shape] / rng.uniform(3, 9))  # a little texture inside the object
+        image[shape] = colour * shade[:, None]
         owner[shape] = index
         labels.append(SHAPE_LABELS[kind])
     masks = np.stack([owner == i for i in range(len(labels))])  # M x H x W, visible parts only

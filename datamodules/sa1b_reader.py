@@ -74,14 +74,20 @@ def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
     Raises whatever opening or reading raises (OSError, tarfile.ReadError, ...); callers count it.
     """
     stream = gopen(url)
+    finished = False
     try:
         for member in tar_file_iterator(stream):
             key, ext = base_plus_ext(member["fname"])
             if key is None or ext is None:
                 continue
             yield key, ext.lower(), member["data"]
+        finished = True
     finally:
-        stream.close()
+        try:
+            stream.close()  # for pipe: this waits for the command and raises on a failed exit status
+        except Exception:
+            if finished:  # a failed command after a complete read is a truncated shard; on early exit, noise
+                raise
 
 
 def iter_shard(
@@ -90,42 +96,64 @@ def iter_shard(
     *,
     optional: Iterable[str] = (),
     required_extra: Iterable[str] = (),
+    optional_window: int = 16,
 ) -> Iterator[RawSample]:
-    """Complete samples of one shard in the order they complete; defects counted in `counter`.
+    """Complete samples of one shard, whatever the member order; defects counted in `counter`.
 
     Args:
         url: the shard.
         counter: receives skips ("jpg without json", "json without jpg", "missing <ext>", "duplicate member",
             "unreadable shard", "truncated shard").
-        optional: more extensions kept when they arrive before the sample completes.
+        optional: more extensions to keep when present. A sample that is complete but still lacks one is held
+            back until it arrives or `optional_window` newer complete samples wait behind it (a tar that puts
+            `sa_1.clip.npy` far from `sa_1.json` needs `required_extra` instead).
         required_extra: extensions a sample must have besides the image and the json (e.g. "clip.npy").
+        optional_window: see `optional`.
     """
-    required_extra = tuple(required_extra)
+    required_extra, optional = tuple(required_extra), tuple(optional)
     wanted = set(IMAGE_EXTENSIONS) | {"json"} | set(required_extra) | set(optional)
-    pending: dict[str, dict[str, bytes]] = {}
+    pending: dict[str, dict[str, bytes]] = {}  # incomplete samples
+    ready: dict[str, dict[str, bytes]] = {}  # complete, waiting for optional members (insertion ordered)
     members_read = 0
-    try:
-        for key, ext, data in iter_members(url):
-            members_read += 1
-            if ext not in wanted:
-                continue
-            parts = pending.setdefault(key, {})
-            if ext in parts:
-                counter.skip("duplicate member", url, key, f"second {key}.{ext} ignored", shared=True)
-                continue
-            parts[ext] = data
-            if (
-                "json" in parts
-                and any(e in parts for e in IMAGE_EXTENSIONS)
-                and all(e in parts for e in required_extra)
-            ):
+    members = iter_members(url)
+    while True:
+        try:
+            key, ext, data = next(members)
+        except StopIteration:
+            break
+        except (
+            Exception
+        ) as exn:  # any reader error (missing file, failed pipe, truncated tar) costs this shard
+            reason = "truncated shard" if members_read else "unreadable shard"
+            counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
+            pending.clear()  # cut off by the error, not defects of their own
+            break
+        members_read += 1
+        if ext not in wanted:
+            continue
+        parts = ready.get(key) or pending.setdefault(key, {})
+        if ext in parts:
+            counter.skip("duplicate member", url, key, f"second {key}.{ext} ignored", shared=True)
+            continue
+        parts[ext] = data
+        if key in ready:
+            if all(e in parts for e in optional):
+                yield RawSample(url=url, key=key, members=ready.pop(key))
+            continue
+        if (
+            "json" in parts
+            and any(e in parts for e in IMAGE_EXTENSIONS)
+            and all(e in parts for e in required_extra)
+        ):
+            if all(e in parts for e in optional):
                 yield RawSample(url=url, key=key, members=pending.pop(key))
-    except (
-        Exception
-    ) as exn:  # any reader error (missing file, failed pipe, truncated tar) costs this shard only
-        reason = "truncated shard" if members_read else "unreadable shard"
-        counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
-        return
+            else:
+                ready[key] = pending.pop(key)
+                while len(ready) > optional_window:
+                    oldest = next(iter(ready))
+                    yield RawSample(url=url, key=oldest, members=ready.pop(oldest))
+    for key, parts in ready.items():
+        yield RawSample(url=url, key=key, members=parts)
     for key, parts in pending.items():
         counter.skip(
             _incomplete_reason(parts, required_extra), url, key, f"members {sorted(parts)}", shared=True

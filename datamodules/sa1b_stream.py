@@ -78,8 +78,11 @@ class SA1BDataset(IterableDataset):
         self.text_embeddings = text_embeddings
         self.start_epoch = start_epoch
         self._iterations = 0  # per process: persistent workers keep counting epochs themselves
+        # Training state of this process (a worker's copy of the dataset), created on first iteration.
         self._stream: Iterator[RawSample] | None = None
         self._counter: SkipCounter | None = None
+        self._rng: np.random.Generator | None = None
+        self._failures = 0  # decode failures in a row
 
     def __len__(self) -> int:
         if not self.training:
@@ -102,11 +105,13 @@ class SA1BDataset(IterableDataset):
     def _train(self, worker: int, num_workers: int, epoch: int) -> Iterator[SegmentationSample]:
         if self._stream is None:  # kept across epochs: a half-read shard and the shuffle buffer carry over
             self._counter = SkipCounter()
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            self._rng = rng
-            self._failures = 0
-            self._stream = _shuffled(self._resampled(rng, self._counter), self.shuffle_buffer, rng)
+            self._rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            self._stream = _shuffled(
+                self._resampled(self._rng, self._counter), self.shuffle_buffer, self._rng
+            )
         batches = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+        if batches == 0:  # more workers than batches: this one idles this epoch
+            return
         produced = 0
         for raw in self._stream:
             sample = self._decode(raw, self._counter, self._rng)

@@ -7,6 +7,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+import torch
+
 from samlight.modeling.image_encoder import ImageEncoderViT
 from samlight.modeling.mask_decoder import MaskDecoder
 from samlight.modeling.prompt_encoder import PromptEncoder
@@ -125,13 +127,29 @@ def build_sam(variant: str, checkpoint: str | os.PathLike | None = None, **overr
         Sam in train mode (call `.eval()` for inference).
     """
     cfg = variant_config(variant, **overrides)
-    model = build_from_config(cfg)
-    if checkpoint is not None:
-        from samlight.checkpoint import load_into, load_state_dict
+    if checkpoint is None:
+        return build_from_config(cfg)
+    from samlight.checkpoint import load_into, load_state_dict
 
-        # A text projection is new in samlight: official weights lack it, so it alone may start from random init.
-        allow_missing = ("prompt_encoder.text_proj.",) if cfg.text_embed_dim else ()
-        load_into(model, load_state_dict(checkpoint), source=str(checkpoint), allow_missing=allow_missing)
+    state = load_state_dict(checkpoint)
+    # A text projection is new in samlight: official weights lack it, so it alone may start from random init.
+    allow_missing = ("prompt_encoder.text_proj.",) if cfg.text_embed_dim else ()
+    if allow_missing or torch.get_default_device().type == "meta":
+        model = build_from_config(cfg)
+        load_into(model, state, source=str(checkpoint), allow_missing=allow_missing)
+        return model
+    # Every weight comes from the file, so skip the random init (a minute for vit_h on CPU): build on the
+    # meta device, check strictly, then adopt the loaded tensors.
+    with torch.device("meta"):
+        model = build_from_config(cfg)
+    expected = model.state_dict()
+    load_into(
+        model,
+        {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()},
+        source=str(checkpoint),
+        assign=True,
+    )
+    model.reset_pixel_buffers()
     return model
 
 

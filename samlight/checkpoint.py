@@ -183,11 +183,19 @@ def check_state_dict(
 
 
 def load_into(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str, allow_missing: tuple[str, ...] = ()
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str,
+    allow_missing: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> None:
-    """Strictly load `state_dict` into `model` (a Sam), with `check_state_dict`'s error on any mismatch."""
+    """Strictly load `state_dict` into `model` (a Sam), with `check_state_dict`'s error on any mismatch.
+
+    `assign=True` adopts the given tensors instead of copying (for a model built on the meta device).
+    """
     check_state_dict(model, state_dict, source=source, allow_missing=allow_missing)
-    model.load_state_dict(state_dict, strict=not allow_missing)
+    model.load_state_dict(state_dict, strict=not allow_missing, assign=assign)
 
 
 def official_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
 """What every `samlight fit` run gets from the CLI, whatever configs are merged: dashboards, run layout, key check.
 
 Mixed into `SamlightCLI`. The callbacks every run should have are first-class config sections (`panels`,
-`data_health`, `lr_monitor`) rather than entries of `trainer.callbacks`: jsonargparse replaces lists when configs
-merge, so an add-on config such as configs/wandb.yaml would otherwise drop the base config's callbacks.
+`data_health`, `throughput`, `lr_monitor`) rather than entries of `trainer.callbacks`: jsonargparse replaces
+lists when configs merge, so an add-on config such as configs/wandb.yaml would otherwise drop the base config's
+callbacks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ DEFAULT_ROOT_DIR = "runs"
 
 
 class DashboardsCLIMixin:
-    """LightningCLI mixin: `panels` / `data_health` / `lr_monitor` sections, run directory, config key check."""
+    """LightningCLI mixin: always-on dashboard sections, the run directory layout, and the config key check."""
 
     def __init__(self, *args: Any, save_config_callback: type | None = SaveRunConfig, **kwargs: Any) -> None:
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
@@ -29,10 +30,12 @@ class DashboardsCLIMixin:
     def add_arguments_to_parser(self, parser: Any) -> None:
         from samlight.callbacks.data_health import DataHealth
         from samlight.callbacks.mask_panels import MaskPanels
+        from samlight.callbacks.throughput import Throughput
 
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(MaskPanels, "panels")
         parser.add_lightning_class_args(DataHealth, "data_health")
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults(
             {"lr_monitor.logging_interval": "step", "trainer.default_root_dir": DEFAULT_ROOT_DIR}
@@ -73,7 +76,18 @@ class DashboardsCLIMixin:
             from samlight.callbacks.parameter_summary import ParameterSummary
 
             callbacks = [*callbacks, ParameterSummary()]
+        if _uses_wandb(config.get("logger")):
+            from samlight.callbacks.click_curve import ClickCurve
+
+            callbacks = [*callbacks, ClickCurve()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _uses_wandb(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    return any(isinstance(lg, WandbLogger) for lg in loggers)
 
 
 def _config_files(argv: Sequence[str]) -> list[str]:

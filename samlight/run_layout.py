@@ -7,24 +7,24 @@ would land in another folder. `run_dir` reproduces the checkpoint rule, and `Sav
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+import jsonargparse
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
 # Keep null values in the saved config (it must reproduce the run); jsonargparse renamed the switch in 4.49.
-_KEEP_NONE = (
-    {"skip_unset": False}
-    if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
-    else {"skip_none": False}
-)
+_KEEP_NONE = {"skip_unset": False} if _version(jsonargparse.__version__) >= (4, 49) else {"skip_none": False}
 
 
 def run_dir(trainer: Trainer) -> Path:

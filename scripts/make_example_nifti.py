@@ -70,8 +70,10 @@ def main() -> None:
         ys, xs = np.nonzero(slice_plane(labels, "axial", k) == 1)
         if len(xs):
             slices[str(k)] = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]
-    prompts = {"axis": "axial", "intensity": {"window": "soft-tissue"}, "slices": slices}
-    (args.out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    lines = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in slices.items())
+    text = '{\n  "axis": "axial",\n  "intensity": {"window": "soft-tissue"},\n  "slices": {\n' + lines + "\n  }\n}\n"
+    json.loads(text)  # one box list per line for reading, still plain JSON
+    (args.out / "prompts.json").write_text(text)
     print(f"wrote {args.train} training and {args.val} validation volumes and {args.out / 'prompts.json'}")
 
 

@@ -103,3 +103,36 @@ def test_add_on_config_keeps_base_class_path(tmp_path: Path, capsys, monkeypatch
     err = _fails(["fit", "--config", base, "--config", str(addon)], capsys, monkeypatch, tmp_path)
     assert "'data.init_args.num_workrs'" in err and "'data.init_args.num_workers'" in err
     assert "batch_size'" not in err.split("did you mean")[0]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _fit_parser():
+    """The real `samlight fit` parser, captured before anything is parsed."""
+    from lightning.pytorch import LightningDataModule
+
+    from samlight.module import SamModule
+    from samlight.train_cli import SamlightCLI
+
+    class Capture(SamlightCLI):
+        def parse_arguments(self, parser, args):
+            raise _Captured(self._subcommand_parsers["fit"])
+
+    with pytest.raises(_Captured) as captured:
+        Capture(SamModule, LightningDataModule, subclass_mode_data=True, args=["fit"])
+    return captured.value.args[0]
+
+
+def test_every_shipped_config_passes_the_check() -> None:
+    """No false alarms: each shipped config (add-ons merged after the quickstart) has only valid keys."""
+    from samlight.config_check import find_unknown_keys
+
+    parser = _fit_parser()
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    quickstart = str(configs[0].parent / "quickstart.yaml")
+    for config in configs:
+        args = ["--config", quickstart, "--config", str(config)]
+        assert find_unknown_keys(parser, args) == [], config.name

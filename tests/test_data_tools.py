@@ -431,3 +431,36 @@ def test_prepare_with_workers_matches_one_process(tmp_path: Path) -> None:
     for key in one:
         assert one[key][1] == two[key][1]
         np.testing.assert_array_equal(one[key][0], two[key][0])
+
+
+def test_converted_and_prepared_shards_stream_through_the_datamodule(tmp_path: Path) -> None:
+    from samlight.datamodules.sa1b import SA1BDataModule
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(4)
+    labels = {}
+    for stem in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)).save(images / f"{stem}.png")
+        labels[stem] = label_map(40, 64, [1, 2, 3], np.uint8)
+        Image.fromarray(labels[stem]).save(masks / f"{stem}.png")
+    assert (
+        run_data(
+            "convert", "--format", "folder", "--images", images, "--masks", masks, "--output", tmp_path / "c"
+        )
+        == 0
+    )
+    assert run_data("prepare", "--input", tmp_path / "c", "--output", tmp_path / "p", "--image-size", 32) == 0
+    for folder in ("c", "p"):
+        urls = sorted(str(p) for p in (tmp_path / folder).glob("*.tar"))
+        dm = SA1BDataModule(urls, urls, num_workers=0, image_size=32, batch_size=2)
+        dm.setup("validate")
+        batches = list(dm.val_dataloader())
+        assert sum(len(b) for b in batches) == 2
+        batch = batches[0]
+        assert batch.original_sizes.tolist() == [
+            [40, 64],
+            [40, 64],
+        ]  # prepared shards still report the source size
+        assert batch.input_sizes.tolist() == [[20, 32], [20, 32]]
+        assert batch.mask_valid.sum().item() == 6 and batch.masks.shape[-2:] == (32, 32)

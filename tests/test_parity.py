@@ -14,24 +14,25 @@ from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything import sam_model_registry
 
 from samlight import SamPredictor, build_sam, save_official
+from samlight.checkpoint import save_state_dict
 
 pytestmark = pytest.mark.slow
 
 MAX_REL_DIFF = 1e-3
-IMAGE_HW = (480, 640)
+IMAGE_HW = (240, 320)
 
 PROMPTS = {
     "single_point": dict(
-        point_coords=np.array([[320.0, 240.0]]), point_labels=np.array([1]), multimask_output=True
+        point_coords=np.array([[160.0, 120.0]]), point_labels=np.array([1]), multimask_output=True
     ),
     "points": dict(
-        point_coords=np.array([[320.0, 240.0], [100.0, 400.0], [600.0, 50.0]]),
+        point_coords=np.array([[160.0, 120.0], [50.0, 200.0], [300.0, 25.0]]),
         point_labels=np.array([1, 0, 1]),
         multimask_output=False,
     ),
-    "box": dict(box=np.array([100.0, 80.0, 500.0, 420.0]), multimask_output=False),
+    "box": dict(box=np.array([50.0, 40.0, 250.0, 210.0]), multimask_output=False),
     "mask_input": dict(
-        point_coords=np.array([[200.0, 300.0]]), point_labels=np.array([0]), multimask_output=False
+        point_coords=np.array([[100.0, 150.0]]), point_labels=np.array([0]), multimask_output=False
     ),
 }
 
@@ -65,15 +66,27 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """samlight vit_b with seeded random weights, and the official vit_b loaded strictly from save_official."""
-    torch.manual_seed(0)
-    ours = build_sam("vit_b").eval()
-    ours.load_state_dict(_randomize(ours.state_dict(), seed=0))
-    path = save_official(ours, tmp_path_factory.mktemp("parity") / "sam_vit_b_random.pth")
-    official = sam_model_registry["vit_b"]()
-    # The official loader's own strict load (sam_model_registry(checkpoint=...) uses torch.load without
-    # weights_only); done here with weights_only=True, strict=True.
-    official.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    """samlight vit_b with seeded random weights, and the official vit_b loaded strictly from save_official.
+
+    Both are built on the meta device and adopt the loaded tensors, which skips two costly random inits.
+    """
+    tmp = tmp_path_factory.mktemp("parity")
+    with torch.device("meta"):
+        shapes = build_sam("vit_b").state_dict()
+    save_state_dict(
+        _randomize({k: torch.empty(v.shape) for k, v in shapes.items()}, seed=0), tmp / "random.pth"
+    )
+    ours = build_sam("vit_b", checkpoint=tmp / "random.pth").eval()
+    path = save_official(ours, tmp / "sam_vit_b_random.pth")
+    with torch.device("meta"):
+        official = sam_model_registry["vit_b"]()
+    # What sam_model_registry["vit_b"](checkpoint=path) does (strict), with weights_only=True.
+    official.load_state_dict(
+        torch.load(path, map_location="cpu", weights_only=True), strict=True, assign=True
+    )
+    # Its non-persistent pixel statistics are not in any file: give them their official values.
+    official.pixel_mean = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
+    official.pixel_std = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
     return ours, official.eval()
 
 

@@ -108,6 +108,9 @@ def test_quickstart_logs_metrics_and_mask_panels_offline(tmp_path: Path, monkeyp
     ):
         assert key in scalars, f"{key} not logged; scalars: {sorted(scalars)}"
     assert any(k.startswith("lr-") for k in scalars), "learning rate (LearningRateMonitor) not logged"
+    assert "data/skipped/total" in scalars  # the data pipeline's counters (DataHealth)
+    curves = [k for row in rows for k in row if k.startswith("val/miou_vs_clicks")]
+    assert curves, f"no mIoU-vs-clicks chart; keys: {sorted({k for row in rows for k in row})}"
 
     for prompt in ("point", "box"):
         for stage in ("first_prompt", "last_click"):

@@ -36,9 +36,20 @@ class Sam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        # Not persistent: the official checkpoints do not store them.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self._pixel_stats = (tuple(pixel_mean), tuple(pixel_std))
+        self.reset_pixel_buffers()
+
+    def reset_pixel_buffers(self) -> None:
+        """(Re)create the pixel mean/std buffers (3 x 1 x 1), e.g. after building on the meta device.
+
+        Not persistent: the official checkpoints do not store them, so loading never fills them.
+        """
+        mean, std = self._pixel_stats
+        device = (
+            None if not hasattr(self, "pixel_mean") or self.pixel_mean.is_meta else self.pixel_mean.device
+        )
+        self.register_buffer("pixel_mean", torch.tensor(mean, device=device).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, device=device).view(-1, 1, 1), persistent=False)
 
     @property
     def image_size(self) -> int:

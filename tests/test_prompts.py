@@ -1,0 +1,150 @@
+"""Prompt plugins: one contract test over every registered prompt type, plus each type's own promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samlight import build_sam
+from samlight.prompts import (
+    BoxPrompt,
+    MaskPrompt,
+    PointPrompt,
+    PromptContext,
+    Prompts,
+    PromptType,
+    TextPrompt,
+    available_prompt_types,
+    check_prompts,
+    resolve_prompt_type,
+)
+
+S = 128
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+# Arguments for registered types that cannot run with their defaults in a test (no CLIP download).
+TEST_ARGS = {"text": {"clip_model": TINY_CLIP, "min_mask_side": 8}}
+
+
+def _masks(n: int = 5) -> torch.Tensor:
+    gt = torch.zeros(n, S, S, dtype=torch.bool)
+    gt[0, 10:60, 20:90] = True
+    gt[1, 70:120, 5:30] = True
+    gt[2, 64, 64] = True  # one pixel
+    gt[3, 0:128, 100:128] = True  # touches the border
+    # gt[4] stays empty: a padding slot
+    return gt
+
+
+def _context(gt: torch.Tensor) -> PromptContext:
+    images = torch.randn(2, 3, S, S)
+    return PromptContext(
+        images=images,
+        image_index=torch.tensor([0, 0, 1, 1, 1])[: gt.shape[0]],
+        input_sizes=torch.tensor([[S, S], [S, S - 20]]),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:TextPrompt")
+@pytest.mark.parametrize("name", sorted(available_prompt_types()))
+def test_prompt_type_contract(name):
+    cls = resolve_prompt_type(name)
+    assert issubclass(cls, PromptType)
+    ptype = cls(**TEST_ARGS.get(name, {}))
+    gt = _masks()
+    ctx = _context(gt)
+    prompts = ptype.sample(gt, context=ctx, generator=torch.Generator().manual_seed(3))
+    check_prompts(prompts, num_masks=5, image_size=S, source=name)
+    for field in ("point_coords", "boxes", "mask_inputs", "text_embeddings"):
+        value = getattr(prompts, field)
+        assert value is None or torch.isfinite(value).all(), f"{name}: non-finite {field}"
+    for coords in (prompts.point_coords, None if prompts.boxes is None else prompts.boxes.view(-1, 2, 2)):
+        if coords is not None:
+            assert ((coords >= 0) & (coords <= S - 1)).all(), f"{name}: coordinates outside the frame"
+    again = ptype.sample(gt, context=ctx, generator=torch.Generator().manual_seed(3))
+    for field in ("point_coords", "point_labels", "boxes", "mask_inputs", "text_embeddings"):
+        a, b = getattr(prompts, field), getattr(again, field)
+        assert (a is None and b is None) or torch.equal(a, b), f"{name}: same seed, different {field}"
+    weights = ptype.mask_weights(gt, context=ctx)
+    assert weights.shape == (5,) and ((weights >= 0) & (weights <= 1)).all()
+    # The model accepts what the plugin returns.
+    model = build_sam("tiny", image_size=S, text_embed_dim=ptype.text_embed_dim)
+    embeddings = model.encode_images(ctx.images)
+    logits, iou = model.decode(embeddings, ctx.image_index, prompts, prompts.is_ambiguous())
+    assert logits.shape[0] == 5 and logits.shape[-1] == S // 4 and torch.isfinite(logits).all()
+
+
+def test_point_prompt_points_lie_inside_the_mask():
+    gt = _masks()
+    prompts = PointPrompt(num_points=3).sample(gt, generator=torch.Generator().manual_seed(0))
+    x, y = prompts.point_coords[..., 0].long(), prompts.point_labels
+    inside = gt[torch.arange(5)[:, None], prompts.point_coords[..., 1].long(), x]
+    assert torch.equal(y == 1, inside)
+    assert (y[:2] == 1).all() and (y[2] == torch.tensor([1, -1, -1])).all() and (y[4] == -1).all()
+    center = PointPrompt(mode="center").sample(gt[:1]).point_coords[0, 0].tolist()
+    assert abs(center[0] - 54.5) <= 1 and abs(center[1] - 34.5) <= 1  # middle of the 70 x 50 box
+
+
+def test_box_prompt_noise_is_bounded_and_clamped():
+    gt = _masks()
+    exact = BoxPrompt(noise_std=0.0).sample(gt).boxes
+    assert exact[0].tolist() == [20.0, 10.0, 89.0, 59.0]
+    noisy = BoxPrompt(noise_std=0.1, max_noise=3.0).sample(gt, generator=torch.Generator().manual_seed(0)).boxes
+    assert (noisy[:4] - exact[:4]).abs().max() <= 3.0 + 1e-5
+    assert not torch.equal(noisy, exact)
+    huge = BoxPrompt(noise_std=5.0, max_noise=1000.0)
+    boxes = huge.sample(gt, context=_context(gt), generator=torch.Generator().manual_seed(1)).boxes
+    assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= S - 1
+    assert boxes[2:, 2].max() <= S - 21  # images 1 is 20 px narrower: boxes stay inside it
+
+
+def test_mask_prompt_is_a_coarse_version_of_the_mask():
+    gt = _masks()
+    logits = MaskPrompt(noise_std=0.0).sample(gt).mask_inputs
+    small = torch.nn.functional.avg_pool2d(gt[:, None].float(), 4)[:, 0] > 0.5
+    agreement = ((logits[:, 0] > 0) == small).float().mean()
+    assert agreement > 0.95
+
+
+def test_text_prompt_without_clip_or_embeddings_fails_clearly():
+    with pytest.raises(ValueError, match="CLIP model"):
+        TextPrompt()
+    only_precomputed = TextPrompt(embed_dim=8)
+    with pytest.raises(ValueError, match="no text_embeddings and no CLIP model"):
+        only_precomputed.sample(_masks(), context=_context(_masks()))
+    emb = torch.randn(5, 8)
+    emb[4] = 0
+    ctx = PromptContext(text_embeddings=emb)
+    out = only_precomputed.sample(_masks(), context=ctx).text_embeddings
+    assert torch.allclose(out[:4].norm(dim=-1), torch.ones(4))
+    assert only_precomputed.mask_weights(_masks(), context=ctx).tolist() == [1, 1, 1, 1, 0]
+
+
+@pytest.mark.filterwarnings("ignore:TextPrompt")
+def test_text_prompt_crops_skip_small_masks_and_encode_text():
+    prompt = TextPrompt(clip_model=TINY_CLIP, min_mask_side=40)
+    gt = _masks()
+    assert prompt.mask_weights(gt).tolist() == [1, 0, 0, 0, 0]  # only mask 0 is >= 40 px on both sides
+    emb = prompt.sample(gt, context=_context(gt), generator=torch.Generator().manual_seed(0)).text_embeddings
+    assert emb.shape == (5, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+    text = prompt.encode_text(["a cat", "a dog"])
+    assert text.shape == (2, 16) and torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert prompt.text_embed_dim == 16
+
+
+def test_malformed_plugin_output_names_the_plugin():
+    bad = Prompts(point_coords=torch.zeros(4, 1, 2), point_labels=torch.ones(4, 1))
+    with pytest.raises(ValueError, match="BrokenPrompt.*point_coords has shape"):
+        check_prompts(bad, num_masks=5, image_size=S, source="BrokenPrompt")
+    with pytest.raises(ValueError, match="mask_inputs"):
+        check_prompts(Prompts(mask_inputs=torch.zeros(5, 1, S, S)), num_masks=5, image_size=S, source="x")
+
+
+def test_registry_names_and_unknown_name():
+    assert {"point", "box", "mask", "text"} <= set(available_prompt_types())
+    assert resolve_prompt_type("box") is BoxPrompt
+    with pytest.raises(KeyError, match="registered short names: .*box"):
+        resolve_prompt_type("lasso")
