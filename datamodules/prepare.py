@@ -106,9 +106,8 @@ def prepare_sample(
     rles = []
     for begin in range(0, len(anns), DECODE_CHUNK):
         chunk = [ann["segmentation"] for ann in anns[begin : begin + DECODE_CHUNK]]
-        small = decode_masks(chunk, (height, width), (new_h, new_w), image_size)[
-            :, :new_h, :new_w
-        ]  # K x h x w
+        padded = decode_masks(chunk, (height, width), (new_h, new_w), image_size)  # K x S x S
+        small = padded[:, :new_h, :new_w]  # K x h x w
         rles.extend(mask_utils.encode(np.asfortranarray(small.permute(1, 2, 0).numpy().astype(np.uint8))))
     empty = mask_utils.area(rles) == 0
     summary.drop_masks("empty after resize", int(empty.sum()))

@@ -116,42 +116,44 @@ def iter_shard(
     ready: dict[str, dict[str, bytes]] = {}  # complete, waiting for optional members (insertion ordered)
     members_read = 0
     members = iter_members(url)
-    while True:
-        try:
-            key, ext, data = next(members)
-        except StopIteration:
-            break
-        except (
-            Exception
-        ) as exn:  # any reader error (missing file, failed pipe, truncated tar) costs this shard
-            reason = "truncated shard" if members_read else "unreadable shard"
-            counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
-            pending.clear()  # cut off by the error, not defects of their own
-            break
-        members_read += 1
-        if ext not in wanted:
-            continue
-        parts = ready.get(key) or pending.setdefault(key, {})
-        if ext in parts:
-            counter.skip("duplicate member", url, key, f"second {key}.{ext} ignored", shared=True)
-            continue
-        parts[ext] = data
-        if key in ready:
-            if all(e in parts for e in optional):
-                yield RawSample(url=url, key=key, members=ready.pop(key))
-            continue
-        if (
-            "json" in parts
-            and any(e in parts for e in IMAGE_EXTENSIONS)
-            and all(e in parts for e in required_extra)
-        ):
-            if all(e in parts for e in optional):
-                yield RawSample(url=url, key=key, members=pending.pop(key))
-            else:
-                ready[key] = pending.pop(key)
-                while len(ready) > optional_window:
-                    oldest = next(iter(ready))
-                    yield RawSample(url=url, key=oldest, members=ready.pop(oldest))
+    try:
+        while True:
+            try:
+                key, ext, data = next(members)
+            except StopIteration:
+                break
+            # Any reader error (missing file, failed pipe, truncated tar) costs this shard only.
+            except Exception as exn:
+                reason = "truncated shard" if members_read else "unreadable shard"
+                counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
+                pending.clear()  # cut off by the error, not defects of their own
+                break
+            members_read += 1
+            if ext not in wanted:
+                continue
+            parts = ready.get(key) or pending.setdefault(key, {})
+            if ext in parts:
+                counter.skip("duplicate member", url, key, f"second {key}.{ext} ignored", shared=True)
+                continue
+            parts[ext] = data
+            if key in ready:
+                if all(e in parts for e in optional):
+                    yield RawSample(url=url, key=key, members=ready.pop(key))
+                continue
+            if (
+                "json" in parts
+                and any(e in parts for e in IMAGE_EXTENSIONS)
+                and all(e in parts for e in required_extra)
+            ):
+                if all(e in parts for e in optional):
+                    yield RawSample(url=url, key=key, members=pending.pop(key))
+                else:
+                    ready[key] = pending.pop(key)
+                    while len(ready) > optional_window:
+                        oldest = next(iter(ready))
+                        yield RawSample(url=url, key=oldest, members=ready.pop(oldest))
+    finally:
+        members.close()  # closes the file or pipe now, also when the consumer stops early
     for key, parts in ready.items():
         yield RawSample(url=url, key=key, members=parts)
     for key, parts in pending.items():

@@ -30,7 +30,7 @@ class SA1BDataset(IterableDataset):
 
     Args:
         urls: expanded shard URLs.
-        training: True = resampled shards, shuffled, random masks, `samples_per_epoch` per rank;
+        training: True = resampled shards, shuffled, random masks, `batches_per_epoch` per rank;
             False = one exact pass, first `max_masks` masks.
         image_size, max_masks, max_mask_area: see `decode_sa1b_sample`.
         batch_size: samples per batch; worker quotas are whole batches.
@@ -40,6 +40,7 @@ class SA1BDataset(IterableDataset):
         rank, world_size: this process's place among all training processes.
         text_embeddings: require and load `<key>.clip.npy` per sample.
         start_epoch: epoch this dataset starts at (resumed runs do not replay epoch 0's stream).
+        reduced_decode: decode JPEGs at a reduced DCT scale when the model needs fewer pixels.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class SA1BDataset(IterableDataset):
         world_size: int = 1,
         text_embeddings: bool = False,
         start_epoch: int = 0,
+        reduced_decode: bool = True,
     ) -> None:
         super().__init__()
         if not urls:
@@ -77,6 +79,7 @@ class SA1BDataset(IterableDataset):
         self.world_size = world_size
         self.text_embeddings = text_embeddings
         self.start_epoch = start_epoch
+        self.reduced_decode = reduced_decode
         self._iterations = 0  # per process: persistent workers keep counting epochs themselves
         # Training state of this process (a worker's copy of the dataset), created on first iteration.
         self._stream: Iterator[RawSample] | None = None
@@ -178,6 +181,7 @@ class SA1BDataset(IterableDataset):
                 rng=rng,
                 clip=raw.members.get(CLIP_EXTENSION) if self.text_embeddings else None,
                 meta={"shard": raw.url, "key": raw.key},
+                reduced_decode=self.reduced_decode,
             )
         except SampleError as exn:
             counter.skip(exn.reason, raw.url, raw.key, exn.detail)

@@ -2,9 +2,16 @@
 
 `apply_fsdp` is what `SamModule.configure_model` calls under `samlight.strategy.FSDP2Strategy` (or Lightning's
 `ModelParallelStrategy`). Units: every image-encoder block, the encoder neck, the rest of the image encoder (patch
-embedding, absolute position embedding), the prompt encoder, the mask decoder, then the root `Sam`. A frozen part
-(e.g. the encoder when fine-tuning the decoder only) is therefore always a unit of its own, never mixed with
-trainable parameters, so FSDP reduce-scatters only what has gradients.
+embedding, absolute position embedding), and the root `Sam`, which holds the prompt encoder and the mask decoder.
+A frozen image encoder is therefore always in units of its own, never mixed with trainable parameters.
+
+Why the decoder is not a unit of its own: a training step decodes 11 rounds per prompt-type group, and how many
+groups a rank runs depends on its own random draw. FSDP2 all-gathers and reduce-scatters a unit around *every*
+call whose inputs need gradients, so a decoder unit would communicate up to ~20 times a step and, worse, a
+different number of times on different ranks, which deadlocks the collectives. In the root unit it is gathered
+once by `encode_images` (the only method registered with FSDP; its input images need no gradient) and its
+gradients are reduce-scattered once, in FSDP's end-of-backward callback, in the same order on every rank. It
+holds ~4M parameters, so keeping it gathered for the whole step costs ~8-16 MB.
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-# Methods of the prompt encoder that `Sam.decode` calls instead of its `forward`.
-_PROMPT_ENCODER_METHODS = ("embed",)
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def apply_fsdp(
@@ -36,8 +46,8 @@ def apply_fsdp(
             `hybrid=True`, shard inside each group of the second dim (a node) and replicate across the first (HSDP);
             with `hybrid=False` the two dims are flattened and every rank holds 1/world of each parameter.
         reshard_after_forward: free the gathered encoder blocks after their forward (ZeRO-3, least memory) or keep
-            them until backward (ZeRO-2, one all-gather less per block). The prompt encoder and mask decoder always
-            stay gathered: they are small and run once per interactive round, up to 11 times a step.
+            them until backward (ZeRO-2, one all-gather less per block). The root (prompt encoder and mask
+            decoder) always stays gathered from `encode_images` to the end of backward.
         hybrid: hybrid sharding (needs a 2-D mesh); use it for ViT-H across nodes, where intra-node NVLink carries
             the all-gathers and only gradient all-reduces cross the slower inter-node network.
         mp_param_dtype: dtype parameters are all-gathered and computed in ("bfloat16", "float16", a torch dtype);
@@ -47,7 +57,8 @@ def apply_fsdp(
             (timm's per-block checkpointing; memory per block drops to its input).
 
     Returns:
-        The same `model`, now an `FSDPModule`, whose `encode_images` and `decode` run FSDP's unshard hooks.
+        The same `model`, now an `FSDPModule`. Call `encode_images` before `decode` in every step (as
+        `SamModule` does): it is the call that gathers the root's parameters.
     """
     mesh = _fsdp_mesh(device_mesh, hybrid=hybrid)
     policy = _mixed_precision(mp_param_dtype, device_type=mesh.device_type)
@@ -68,17 +79,36 @@ def apply_fsdp(
     if _has_parameters(encoder.neck):
         fully_shard(encoder.neck, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(encoder, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    for small in (model.prompt_encoder, model.mask_decoder):
-        fully_shard(small, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-
-    # Training calls these methods, not `forward`: FSDP must run its pre/post-forward hooks around them too (root
-    # lazy init, all-gathering the unit's parameters, backward bookkeeping), or they would see sharded weights.
-    for module, methods in ((model, ("encode_images", "decode")), (model.prompt_encoder, _PROMPT_ENCODER_METHODS)):
-        for method in methods:
-            if hasattr(module, method):
-                register_fsdp_forward_method(module, method)
+    _touch_root_parameters(model)
+    # Training calls `encode_images`, not `forward`: FSDP must run its root hooks around it (lazy init, gathering
+    # the root's parameters for the decode calls that follow). `decode` is deliberately not registered (see above).
+    register_fsdp_forward_method(model, "encode_images")
     return model
+
+
+def _touch_root_parameters(model: nn.Module) -> None:
+    """Make every trainable root parameter receive a gradient (of zeros if unused) in every step.
+
+    FSDP2 reduce-scatters only the parameters that have a gradient. Which prompt-encoder parameters are used
+    depends on the prompts a rank drew (box corner embeddings only with boxes, the text projection only with text,
+    `no_mask_embed` only without a mask prompt), so ranks would enter the reduce-scatter with different sizes and
+    hang. Adding 0 x (one element of each) to the image embeddings costs one tiny op per parameter.
+    """
+    encode_images = model.encode_images
+    root_parts = (model.prompt_encoder, model.mask_decoder)
+
+    def encode_images_touching_all(images: torch.Tensor) -> torch.Tensor:
+        embeddings = encode_images(images)  # B x C x h x w
+        if not torch.is_grad_enabled():
+            return embeddings
+        # Read the parameters now, not at setup: inside FSDP's forward they are the gathered (unsharded) tensors.
+        firsts = [p.reshape(-1)[:1] for part in root_parts for p in part.parameters() if p.requires_grad]
+        if not firsts:
+            return embeddings
+        return embeddings + 0.0 * torch.cat(firsts).sum().to(embeddings.dtype)
+
+    model.encode_images = encode_images_touching_all
 
 
 def _fsdp_mesh(device_mesh: DeviceMesh, *, hybrid: bool) -> DeviceMesh:

@@ -31,11 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(ckpt: str, out: str, variant: str | None = None) -> tuple[str, int]:
+def export(ckpt: str, out: str, variant: str | None = None) -> tuple[str, int, bool]:
     """Validate `ckpt` strictly against `variant` (or the inferred one) and write it to `out` atomically.
 
     Returns:
-        (variant, number of tensors written).
+        (variant, number of tensors written, whether a text projection was included).
     """
     state = load_state_dict(ckpt)
     variant = variant or infer_variant(state)
@@ -50,7 +50,7 @@ def export(ckpt: str, out: str, variant: str | None = None) -> tuple[str, int]:
     check_state_dict(reference, state, source=ckpt)
     ordered = {k: state[k].contiguous() for k in reference.state_dict()}
     save_state_dict(ordered, out)
-    return variant, len(ordered)
+    return variant, len(ordered), bool(extra)
 
 
 def _has_text(state: dict) -> bool:
@@ -60,13 +60,18 @@ def _has_text(state: dict) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        variant, count = export(args.ckpt, args.out, args.variant)
+        variant, count, text = export(args.ckpt, args.out, args.variant)
     except (ValueError, FileNotFoundError) as e:
         print(f"samlight export: {e}", file=sys.stderr)
         return 1
     print(
         f"samlight export: wrote {count} tensors of SAM {variant} (official layout) from {args.ckpt} to {args.out}"
     )
+    if text:
+        print(
+            "samlight export: the file includes prompt_encoder.text_proj (text prompts, a samlight extension); "
+            "segment_anything's strict loader rejects that key, samlight.build_sam(..., text_embed_dim=D) loads it"
+        )
     return 0
 
 

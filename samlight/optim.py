@@ -18,7 +18,7 @@ _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # Encoder parameters before the first block (patch embedding, absolute position embedding) share its layer id 0.
 _STEM = ("patch_embed", "pos_embed")
 # Position embeddings (absolute and relative) and learned tokens act like biases: decaying them to 0 hurts.
-_NO_DECAY_NAMES = ("pos_embed", "rel_pos", "_token", "positional_encoding")
+_NO_DECAY_NAMES = ("pos_embed", "rel_pos", "iou_token.", "mask_tokens.", "positional_encoding")
 
 
 def layer_id(name: str, num_blocks: int) -> int:

@@ -103,7 +103,10 @@ def parse_object(entry: Any, where: str) -> ObjectPrompt:
         point_labels = np.asarray(entry.get("point_labels", [1] * len(points)), dtype=np.int64)
         if point_labels.shape != (len(points),):
             raise ValueError(f"{where}: {len(points)} points but point_labels {entry.get('point_labels')}")
-    label = int(entry.get("label", 1))
+    try:
+        label = int(entry.get("label", 1))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: label must be a positive integer, got {entry.get('label')!r}") from err
     if label <= 0:
         raise ValueError(f"{where}: label must be a positive integer (0 is background), got {label}")
     return ObjectPrompt(box=box, points=points, point_labels=point_labels, label=label, where=where)
@@ -113,8 +116,16 @@ def load_predictor(ckpt: str, variant: str, device: str) -> Any:
     """SamPredictor around `build_sam(variant, checkpoint=ckpt)` (official .pth, Lightning .ckpt or safetensors)."""
     from samlight import SamPredictor, build_sam
 
-    model = build_sam(variant, checkpoint=ckpt).to(device).eval()
-    return SamPredictor(model)
+    try:
+        model = build_sam(variant, checkpoint=ckpt)
+    except ValueError as err:
+        if "lora_" in str(err):
+            raise ValueError(
+                f"{err}\n{ckpt} holds LoRA adapters: merge them first with "
+                f"`samlight export --ckpt {ckpt} --out model.pth` and pass model.pth"
+            ) from err
+        raise
+    return SamPredictor(model.to(device).eval())
 
 
 def predict_logits(predictor: Any, prompt: ObjectPrompt) -> np.ndarray:

@@ -52,18 +52,31 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     transform = from_origin(500000.0, 4_650_000.0, 10.0, 10.0)
-    profile = {"driver": "GTiff", "width": args.size, "height": args.size, "crs": "EPSG:32633", "transform": transform}
+    profile = {
+        "driver": "GTiff",
+        "width": args.size,
+        "height": args.size,
+        "crs": "EPSG:32633",
+        "transform": transform,
+    }
     first_val = None
     for split, count in (("train", args.train), ("val", args.val)):
         for i in range(count):
             scene, labels, boxes = make_scene(rng, args.size, buildings=40)
             for sub in ("images", "labels"):
                 (args.out / split / sub).mkdir(parents=True, exist_ok=True)
-            with rasterio.open(args.out / split / "images" / f"scene_{i}.tif", "w", count=4, dtype="uint16",
-                               nodata=0, **profile) as dst:
+            with rasterio.open(
+                args.out / split / "images" / f"scene_{i}.tif",
+                "w",
+                count=4,
+                dtype="uint16",
+                nodata=0,
+                **profile,
+            ) as dst:
                 dst.write(scene)
-            with rasterio.open(args.out / split / "labels" / f"scene_{i}.tif", "w", count=1, dtype="uint16",
-                               **profile) as dst:
+            with rasterio.open(
+                args.out / split / "labels" / f"scene_{i}.tif", "w", count=1, dtype="uint16", **profile
+            ) as dst:
                 dst.write(labels, 1)
             if split == "val" and first_val is None:
                 first_val = boxes

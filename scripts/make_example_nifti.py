@@ -48,7 +48,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import nibabel as nib
-
     from samlight.datamodules.volumes import canonical, slice_plane
 
     rng = np.random.default_rng(0)
@@ -59,7 +58,9 @@ def main() -> None:
             volume, labels = make_case(rng, tuple(args.shape))
             (args.out / split / "images").mkdir(parents=True, exist_ok=True)
             (args.out / split / "labels").mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(volume, affine), args.out / split / "images" / f"case_{i:03d}_0000.nii.gz")
+            nib.save(
+                nib.Nifti1Image(volume, affine), args.out / split / "images" / f"case_{i:03d}_0000.nii.gz"
+            )
             nib.save(nib.Nifti1Image(labels, affine), args.out / split / "labels" / f"case_{i:03d}.nii.gz")
 
     # Boxes around label 1 on every other axial slice of the first validation case, in the converter's frame.
@@ -71,7 +72,11 @@ def main() -> None:
         if len(xs):
             slices[str(k)] = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]
     lines = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in slices.items())
-    text = '{\n  "axis": "axial",\n  "intensity": {"window": "soft-tissue"},\n  "slices": {\n' + lines + "\n  }\n}\n"
+    text = (
+        '{\n  "axis": "axial",\n  "intensity": {"window": "soft-tissue"},\n  "slices": {\n'
+        + lines
+        + "\n  }\n}\n"
+    )
     json.loads(text)  # one box list per line for reading, still plain JSON
     (args.out / "prompts.json").write_text(text)
     print(f"wrote {args.train} training and {args.val} validation volumes and {args.out / 'prompts.json'}")

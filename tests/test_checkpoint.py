@@ -193,3 +193,13 @@ def test_save_state_dict_is_atomic(tmp_path, monkeypatch):
         save_state_dict({"a": torch.zeros(2)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))  # old file intact
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]
+
+
+def test_export_keeps_a_text_projection(tmp_path, capsys):
+    sam = build_sam("tiny", text_embed_dim=8)
+    ckpt = tmp_path / "text.ckpt"
+    torch.save(_lightning_ckpt(sam), ckpt)
+    out = tmp_path / "text.safetensors"
+    assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert "text_proj" in capsys.readouterr().out
+    _assert_same_weights(build_sam("tiny", checkpoint=out, text_embed_dim=8), sam)

@@ -136,3 +136,12 @@ def test_every_shipped_config_passes_the_check() -> None:
     for config in configs:
         args = ["--config", quickstart, "--config", str(config)]
         assert find_unknown_keys(parser, args) == [], config.name
+
+
+def test_configs_doc_covers_every_shipped_config() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "configs.md").read_text()
+    for config in sorted((repo / "configs").glob("*.yaml")):
+        assert f"## `configs/{config.name}`" in doc, (
+            f"docs/configs.md has no section for configs/{config.name}: run python scripts/gen_configs_doc.py"
+        )

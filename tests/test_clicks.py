@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
-
 from samlight.prompts.clicks import CorrectiveClicks, distance_to_boundary, jump_flood_distance
+from scipy import ndimage
 
 
 def _blobs(n: int, size: int, seed: int, threshold: float = 0.55) -> torch.Tensor:

@@ -76,5 +76,11 @@ def test_parameter_counts_split_trainable_and_frozen() -> None:
 def test_click_curve_rows_from_logged_metrics() -> None:
     from samlight.callbacks.click_curve import click_curve_rows
 
-    metrics = {"val/miou@1": 0.5, "val/miou@3": 0.7, "val/box/miou@1": 0.6, "val/oracle@1": 0.9, "train/loss": 1.0}
+    metrics = {
+        "val/miou@1": 0.5,
+        "val/miou@3": 0.7,
+        "val/box/miou@1": 0.6,
+        "val/oracle@1": 0.9,
+        "train/loss": 1.0,
+    }
     assert click_curve_rows(metrics) == [("all", 1, 0.5), ("all", 3, 0.7), ("box", 1, 0.6)]

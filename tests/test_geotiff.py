@@ -15,7 +15,6 @@ from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
-
 from samlight.datamodules.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
 
@@ -38,8 +37,16 @@ def make_scene(height=300, width=300, dtype="uint16") -> tuple[np.ndarray, np.nd
 def write_raster(path: Path, data: np.ndarray, *, crs="EPSG:32633", transform=TRANSFORM, nodata=None) -> Path:
     data = data[None] if data.ndim == 2 else data
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-        dtype=str(data.dtype), crs=crs, transform=transform, nodata=nodata,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=str(data.dtype),
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
     ) as dst:
         dst.write(data)
     return path
@@ -79,8 +86,17 @@ def stream_datamodule(folder: Path, image_size: int) -> dict[str, dict]:
 
 def convert(tmp_path: Path, *extra: str, scene="scene.tif", labels="labels.tif", out="shards") -> int:
     return convert_main(
-        ["--format", "geotiff", "--images", str(tmp_path / scene), "--labels", str(tmp_path / labels),
-         "--output", str(tmp_path / out), *extra]
+        [
+            "--format",
+            "geotiff",
+            "--images",
+            str(tmp_path / scene),
+            "--labels",
+            str(tmp_path / labels),
+            "--output",
+            str(tmp_path / out),
+            *extra,
+        ]
     )
 
 
@@ -94,7 +110,9 @@ def test_tiles_with_labels_one_mask_per_instance_and_georeference(tmp_path, capl
     windows = tile_windows(300, 300, 128, 32)
     assert len(windows) == 9
     expected_keys = {
-        f"scene_r{row:05d}_c{col:05d}" for col, row, w, h in windows if labels[row : row + h, col : col + w].any()
+        f"scene_r{row:05d}_c{col:05d}"
+        for col, row, w, h in windows
+        if labels[row : row + h, col : col + w].any()
     }
     assert set(samples) == expected_keys and len(samples) < len(windows)  # empty tiles dropped
     seen = set()
@@ -161,7 +179,9 @@ def test_bad_inputs_named(tmp_path):
     # without --strict the scene is skipped and counted; nothing written -> exit code 1
     assert convert(tmp_path, labels="other_size.tif", out="skip") == 1
     write_raster(tmp_path / "labels.tif", labels)
-    with pytest.raises(SystemExit, match=r"band\(s\) \[5\] out of range for .*scene\.tif, which has bands 1\.\.4"):
+    with pytest.raises(
+        SystemExit, match=r"band\(s\) \[5\] out of range for .*scene\.tif, which has bands 1\.\.4"
+    ):
         convert(tmp_path, "--bands", "5,2,1")
     empty = tmp_path / "empty"
     empty.mkdir()

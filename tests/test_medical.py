@@ -12,7 +12,6 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 wds = pytest.importorskip("webdataset")
 from pycocotools import mask as mask_utils  # noqa: E402
-
 from samlight.datamodules.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.volumes import (  # noqa: E402
     Intensity,
@@ -148,7 +147,10 @@ def test_slice_axis_is_anatomical_not_array_order(tmp_path):
     write_nifti(tmp_path / "b" / "labels" / "case.nii.gz", labels.transpose(2, 0, 1), permuted)
     for name in ("a", "b"):
         base = tmp_path / name
-        assert convert(tmp_path, "--window", "40,40", images=base / "images", labels=base / "labels", out=name) == 0
+        assert (
+            convert(tmp_path, "--window", "40,40", images=base / "images", labels=base / "labels", out=name)
+            == 0
+        )
     a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
     assert sorted(a) == sorted(b) == [f"case_z{k:03d}" for k in (2, 3, 4, 5)]
     for key in a:
@@ -161,7 +163,9 @@ def test_slice_axis_is_anatomical_not_array_order(tmp_path):
     assert convert(tmp_path, "--axis", "coronal", "--window", "bone", out="cor") == 0
     coronal = read_shards(tmp_path / "cor")
     labelled_y = np.flatnonzero(labels.any(axis=(0, 2)))
-    assert sorted(int(k.rsplit("_y", 1)[1]) for k in coronal) == sorted(63 - labelled_y)  # RAS y = 63 - array y
+    assert sorted(int(k.rsplit("_y", 1)[1]) for k in coronal) == sorted(
+        63 - labelled_y
+    )  # RAS y = 63 - array y
 
 
 def test_window_presets_and_percentile():
@@ -226,8 +230,9 @@ def test_nan_voxels_become_black(tmp_path):
     write_nifti(tmp_path / "images" / "c.nii.gz", volume)
     write_nifti(tmp_path / "labels" / "c.nii.gz", labels)
     assert convert(tmp_path, "--percentile", "0.5,99.5") == 0
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     image = np.asarray(Image.open(io.BytesIO(read_shards(tmp_path / "shards")["c_z003"]["jpg"])))
     assert image.max() <= 8  # JPEG ringing only; no NaN made it into the percentile range or the pixels
@@ -285,13 +290,28 @@ def test_dicom_series_sorted_by_position_with_lps_to_ras(tmp_path):
     data = image.get_fdata()
     np.testing.assert_allclose(data[0, 0, :], np.arange(6) * 100 - 24)  # position order, rescaled to HU
     write_nifti(tmp_path / "label.nii.gz", labels, affine)
-    assert convert(tmp_path, "--window", "400,300", fmt="dicom", images=tmp_path / "series",
-                   labels=tmp_path / "label.nii.gz") == 0
+    assert (
+        convert(
+            tmp_path,
+            "--window",
+            "400,300",
+            fmt="dicom",
+            images=tmp_path / "series",
+            labels=tmp_path / "label.nii.gz",
+        )
+        == 0
+    )
     samples = read_shards(tmp_path / "shards")
     assert sorted(samples) == [f"series_z{k:03d}" for k in (2, 3, 4, 5)]
     np.testing.assert_allclose(samples["series_z003"]["json"]["image"]["affine"], affine, atol=1e-5)
     # a label volume on another grid is named with the series
     write_nifti(tmp_path / "bad.nii.gz", labels, AFFINE)
     with pytest.raises(SystemExit, match="different affines"):
-        convert(tmp_path, "--strict", fmt="dicom", images=tmp_path / "series", labels=tmp_path / "bad.nii.gz",
-                out="bad")
+        convert(
+            tmp_path,
+            "--strict",
+            fmt="dicom",
+            images=tmp_path / "series",
+            labels=tmp_path / "bad.nii.gz",
+            out="bad",
+        )

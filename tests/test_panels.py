@@ -149,6 +149,14 @@ SHORT_RUN = [
 ]
 
 
+def _own_demo_shards(tmp_path: Path) -> list[str]:
+    """A small demo set of this test's own (not the shared ~/.cache one, which other tests may be writing)."""
+    from samlight.datamodules.demo import make_demo_shards
+
+    train, val = make_demo_shards(tmp_path / "demo", num_train=8, num_val=4, samples_per_shard=4)
+    return [f"--data.init_args.train_urls={'::'.join(train)}", f"--data.init_args.val_urls={'::'.join(val)}"]
+
+
 @pytest.mark.slow
 def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monkeypatch, caplog) -> None:
     """Without W&B: PNG panels, config.yaml and checkpoints in one `runs/<config name>/version_0` directory."""
@@ -166,6 +174,7 @@ def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monke
                 "--config",
                 default_config_path(),
                 *SHORT_RUN,
+                *_own_demo_shards(tmp_path),
                 f"--trainer.default_root_dir={tmp_path / 'runs'}",
             ]
         )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from samlight import build_sam
 from samlight.prompts import (
     BoxPrompt,
     MaskPrompt,
@@ -18,6 +16,8 @@ from samlight.prompts import (
     check_prompts,
     resolve_prompt_type,
 )
+
+from samlight import build_sam
 
 S = 128
 TINY_CLIP = {
@@ -85,7 +85,8 @@ def test_point_prompt_points_lie_inside_the_mask():
     assert torch.equal(y == 1, inside)
     assert (y[:2] == 1).all() and (y[2] == torch.tensor([1, -1, -1])).all() and (y[4] == -1).all()
     center = PointPrompt(mode="center").sample(gt[:1]).point_coords[0, 0].tolist()
-    assert abs(center[0] - 54.5) <= 1 and abs(center[1] - 34.5) <= 1  # middle of the 70 x 50 box
+    # Farthest from the boundary of the 70 x 50 box: its middle row, away from the short sides.
+    assert abs(center[1] - 34.5) <= 1 and 20 + 24 <= center[0] <= 89 - 24
 
 
 def test_box_prompt_noise_is_bounded_and_clamped():

@@ -16,10 +16,10 @@ nib = pytest.importorskip("nibabel")
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.warp import transform as warp  # noqa: E402
-
-from samlight.cli import main as samlight_main  # noqa: E402
 from samlight.datamodules.raster import Stretch  # noqa: E402
 from samlight.datamodules.volumes import Intensity  # noqa: E402
+
+from samlight.cli import main as samlight_main  # noqa: E402
 from samlight.segment import (  # noqa: E402
     read_scene_prompts,
     read_volume_prompts,
@@ -43,7 +43,9 @@ class BoxPredictor:
         self.shape = image.shape[:2]
         self.images.append(self.shape)
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True, return_logits=False):
+    def predict(
+        self, point_coords=None, point_labels=None, box=None, multimask_output=True, return_logits=False
+    ):
         rows, cols = np.mgrid[0 : self.shape[0], 0 : self.shape[1]]
         inside = np.zeros(self.shape, bool)
         if box is not None:
@@ -55,10 +57,16 @@ class BoxPredictor:
         return logits, np.linspace(0.9, 0.5, len(logits)), None
 
 
-def write_volume(tmp_path: Path) -> Path:
+def write_volume(tmp_path: Path, permute: bool = False) -> Path:
+    """A 64 x 48 x 8 volume with AFFINE, or the same anatomy stored with array axes (z, x, y) when `permute`."""
     volume = np.random.default_rng(0).normal(40, 30, (64, 48, 8)).astype(np.float32)
-    image = nib.Nifti1Image(volume, AFFINE)
-    image.header.set_qform(AFFINE, code=1)
+    affine = AFFINE
+    if permute:
+        volume = volume.transpose(2, 0, 1)
+        affine = np.eye(4)
+        affine[:, :3] = AFFINE[:, [2, 0, 1]]
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_qform(affine, code=1)
     nib.save(image, tmp_path / "ct.nii.gz")
     return tmp_path / "ct.nii.gz"
 
@@ -66,30 +74,48 @@ def write_volume(tmp_path: Path) -> Path:
 def write_scene(tmp_path: Path, size=(300, 300)) -> Path:
     data = np.random.default_rng(0).integers(100, 4000, (3, *size)).astype(np.uint16)
     with rasterio.open(
-        tmp_path / "scene.tif", "w", driver="GTiff", height=size[0], width=size[1], count=3, dtype="uint16",
-        crs="EPSG:32633", transform=TRANSFORM, nodata=0,
+        tmp_path / "scene.tif",
+        "w",
+        driver="GTiff",
+        height=size[0],
+        width=size[1],
+        count=3,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=TRANSFORM,
+        nodata=0,
     ) as dst:
         dst.write(data)
     return tmp_path / "scene.tif"
 
 
-def test_volume_boxes_land_on_the_right_voxels(tmp_path):
-    path = write_volume(tmp_path)
+@pytest.mark.parametrize("permute", [False, True], ids=["LPS", "axes-permuted"])
+def test_volume_boxes_land_on_the_right_voxels(tmp_path, permute):
+    path = write_volume(tmp_path, permute)
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({
-        "axis": "axial",
-        "slices": {"3": [[5, 10, 20, 30], {"box": [30, 20, 40, 45], "label": 2}], "6": [{"points": [[10, 10]]}]},
-    }))
+    prompts.write_text(
+        json.dumps(
+            {
+                "axis": "axial",
+                "slices": {
+                    "3": [[5, 10, 20, 30], {"box": [30, 20, 40, 45], "label": 2}],
+                    "6": [{"points": [[10, 10]]}],
+                },
+            }
+        )
+    )
     record, slices = read_volume_prompts(prompts)
     image = nib.load(path)
     predictor = BoxPredictor()
     labels = segment_volume(predictor, image, slices, axis="axial", intensity=Intensity(window=(400, 40)))
     assert labels.shape == image.shape and predictor.images == [(48, 64), (48, 64)]  # rows = y, cols = x
-    expected = np.zeros(image.shape, np.uint16)
-    # x and y are flipped in this file, so the axial display slice is the stored slice transposed: x = i, y = j
+    expected = np.zeros((64, 48, 8), np.uint16)
+    # x and y are flipped in the LPS file, so the axial display slice is the stored slice transposed: x = i, y = j
     expected[5:20, 10:30, 3] = 1
     expected[30:40, 20:45, 3] = 2
     expected[8:13, 8:13, 6] = 1
+    if permute:
+        expected = expected.transpose(2, 0, 1)
     np.testing.assert_array_equal(labels, expected)
     write_label_volume(labels, image, tmp_path / "out.nii.gz")
     out = nib.load(tmp_path / "out.nii.gz")
@@ -110,22 +136,44 @@ def test_scene_prompts_in_map_coordinates_tiled_and_pasted_back(tmp_path):
     geojson = {
         "type": "FeatureCollection",
         "features": [
-            {"type": "Feature", "properties": {"label": 3}, "geometry": {"type": "Polygon", "coordinates": [box]}},
-            {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": xy(60.2, 30.2)}},
-            {"type": "Feature", "properties": {"label": 4}, "geometry": {"type": "Polygon", "coordinates": [big]}},
+            {
+                "type": "Feature",
+                "properties": {"label": 3},
+                "geometry": {"type": "Polygon", "coordinates": [box]},
+            },
+            {
+                "type": "Feature",
+                "properties": {},
+                "geometry": {"type": "Point", "coordinates": xy(60.2, 30.2)},
+            },
+            {
+                "type": "Feature",
+                "properties": {"label": 4},
+                "geometry": {"type": "Polygon", "coordinates": [big]},
+            },
         ],
     }
     (tmp_path / "prompts.geojson").write_text(json.dumps(geojson))
-    lonlat = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:4326"}},
-              "features": [{"type": "Feature", "properties": {"label": 5},
-                            "geometry": {"type": "Point", "coordinates": [lon[0], lat[0]]}}]}
+    lonlat = {
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": "EPSG:4326"}},
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"label": 5},
+                "geometry": {"type": "Point", "coordinates": [lon[0], lat[0]]},
+            }
+        ],
+    }
     (tmp_path / "lonlat.geojson").write_text(json.dumps(lonlat))
     stretch = Stretch(low=(100.0,) * 3, high=(4000.0,) * 3)
     with rasterio.open(path) as src:
         objects = read_scene_prompts(tmp_path / "prompts.geojson", src, None)
         objects += read_scene_prompts(tmp_path / "lonlat.geojson", src, None)
         predictor = BoxPredictor()
-        labels = segment_scene(predictor, src, objects, bands=[1, 2, 3], stretch=stretch, tile=128, overlap=32)
+        labels = segment_scene(
+            predictor, src, objects, bands=[1, 2, 3], stretch=stretch, tile=128, overlap=32
+        )
     expected = np.zeros((300, 300), np.uint16)
     expected[100:140, 150:220] = 3
     expected[150:290, 20:260] = 4
@@ -147,10 +195,19 @@ def test_overlapping_objects_keep_the_more_confident(tmp_path):
     with rasterio.open(path) as src:
         from samlight.segment import parse_object
 
-        objects = [parse_object({"box": b, "label": i + 1}, "test") for i, b in enumerate([[20, 20, 90, 90],
-                                                                                         [70, 70, 110, 110]])]
-        labels = segment_scene(Confident(), src, objects, bands=[1, 2, 3],
-                               stretch=Stretch(low=(0.0,) * 3, high=(1.0,) * 3), tile=128, overlap=32)
+        objects = [
+            parse_object({"box": b, "label": i + 1}, "test")
+            for i, b in enumerate([[20, 20, 90, 90], [70, 70, 110, 110]])
+        ]
+        labels = segment_scene(
+            Confident(),
+            src,
+            objects,
+            bands=[1, 2, 3],
+            stretch=Stretch(low=(0.0,) * 3, high=(1.0,) * 3),
+            tile=128,
+            overlap=32,
+        )
     assert (labels[75:90, 75:90] == 2).all() and (labels[20:70, 20:70] == 1).all()
 
 
@@ -169,11 +226,31 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_cli_volume_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint):
     path = write_volume(tmp_path)
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"axis": "axial", "intensity": {"window": "soft-tissue"},
-                                   "slices": {"2": [[5, 5, 40, 40]], "4": [{"box": [10, 10, 30, 30], "label": 7}]}}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "axis": "axial",
+                "intensity": {"window": "soft-tissue"},
+                "slices": {"2": [[5, 5, 40, 40]], "4": [{"box": [10, 10, 30, 30], "label": 7}]},
+            }
+        )
+    )
     out = tmp_path / "pred.nii.gz"
-    args = ["segment", "--ckpt", str(tiny_checkpoint), "--variant", "tiny", "--device", "cpu", "--input", str(path),
-            "--prompts", str(prompts), "--out", str(out)]
+    args = [
+        "segment",
+        "--ckpt",
+        str(tiny_checkpoint),
+        "--variant",
+        "tiny",
+        "--device",
+        "cpu",
+        "--input",
+        str(path),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+    ]
     assert samlight_main(args) == 0
     image, pred = nib.load(path), nib.load(out)
     np.testing.assert_array_equal(pred.affine, image.affine)
@@ -189,12 +266,37 @@ def test_cli_volume_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint):
 def test_cli_scene_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, capsys):
     path = write_scene(tmp_path)
     x, y = TRANSFORM * (100, 100)
-    geojson = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"label": 2}, "geometry": {"type": "Point", "coordinates": [x, y]}}]}
+    geojson = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"label": 2},
+                "geometry": {"type": "Point", "coordinates": [x, y]},
+            }
+        ],
+    }
     (tmp_path / "p.geojson").write_text(json.dumps(geojson))
     out = tmp_path / "mask.tif"
-    args = ["segment", "--ckpt", str(tiny_checkpoint), "--variant", "tiny", "--device", "cpu", "--input", str(path),
-            "--prompts", str(tmp_path / "p.geojson"), "--out", str(out), "--tile-size", "128", "--overlap", "32"]
+    args = [
+        "segment",
+        "--ckpt",
+        str(tiny_checkpoint),
+        "--variant",
+        "tiny",
+        "--device",
+        "cpu",
+        "--input",
+        str(path),
+        "--prompts",
+        str(tmp_path / "p.geojson"),
+        "--out",
+        str(out),
+        "--tile-size",
+        "128",
+        "--overlap",
+        "32",
+    ]
     assert samlight_main(args) == 0
     with rasterio.open(path) as src, rasterio.open(out) as dst:
         assert dst.crs == src.crs and dst.transform == src.transform

@@ -36,6 +36,14 @@ SHORT_RUN = [
 ]
 
 
+def _own_demo_shards(tmp_path: Path) -> list[str]:
+    """A small demo set of this test's own (not the shared ~/.cache one, which other tests may be writing)."""
+    from samlight.datamodules.demo import make_demo_shards
+
+    train, val = make_demo_shards(tmp_path / "demo", num_train=8, num_val=4, samples_per_shard=4)
+    return [f"--data.init_args.train_urls={'::'.join(train)}", f"--data.init_args.val_urls={'::'.join(val)}"]
+
+
 def wandb_records(path: Path) -> Iterator:
     """Records of a `.wandb` transaction log: W&B's LevelDB-style log (7-byte file header, 32 KiB blocks, each
     chunk `crc32 u32, length u16, type u8`; types 1 full, 2 first, 3 middle, 4 last) of `Record` protobufs."""
@@ -88,7 +96,14 @@ def test_quickstart_logs_metrics_and_mask_panels_offline(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", default_config_path(), "--config", str(REPO / "configs" / "wandb.yaml")]
     try:
-        run_cli([*args, *SHORT_RUN, f"--trainer.default_root_dir={tmp_path / 'runs'}"])
+        run_cli(
+            [
+                *args,
+                *SHORT_RUN,
+                *_own_demo_shards(tmp_path),
+                f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            ]
+        )
     finally:
         wandb.finish()  # flush the transaction log
 
