@@ -56,14 +56,17 @@ def _official_decode(pe, md, emb, coords, labels, per_image):
     return torch.cat(logits), torch.cat(ious)
 
 
-def _time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up allocators
-        start = time.perf_counter()
-        logits, iou = fn()
-        (logits.square().mean() + iou.mean()).backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _time(fns, repeats: int) -> list[float]:
+    """Median CPU seconds (process time: the machine is shared) of forward + backward, runs interleaved."""
+    times = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for fn, acc in zip(fns, times):
+            start = time.process_time()
+            logits, iou = fn()
+            (logits.square().mean() + iou.mean()).backward()
+            if r:  # the first round warms up allocators
+                acc.append(time.process_time() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -89,12 +92,12 @@ def main() -> None:
     with torch.no_grad():
         diff = (ours()[0] - baseline()[0]).abs().max() / baseline()[0].abs().max()
     assert diff < 1e-4, f"outputs differ: {diff}"
-    t_base, t_ours = _time(baseline, args.repeats), _time(ours, args.repeats)
+    t_base, t_ours = _time([baseline, ours], args.repeats)
     print(
         f"decoder parameters: {sum(v.numel() for k_, v in shapes.items() if k_.startswith('mask_decoder.')) / 1e6:.1f} M"
     )
     print(
-        f"{b} images x {k} prompts, forward + backward, median of {args.repeats}, torch {torch.__version__}, "
+        f"{b} images x {k} prompts, forward + backward, CPU time, median of {args.repeats}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
     print(f"official per-image path: {t_base * 1e3:.0f} ms")

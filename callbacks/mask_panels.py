@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+
 from samlight.callbacks.panel_render import Panel, denormalize, panel_png, panels_from_trace
 from samlight.datamodules.batch import SegmentationBatch
-
 from samlight.run_layout import run_dir
 
 
@@ -63,7 +63,7 @@ class MaskPanels(Callback):
         self.seed = seed
         self._batch: SegmentationBatch | None = None
         self._from_validation = False
-        self._last_step = -1
+        self._last_logged: tuple[int, bool] | None = None
         self._disabled = num_images == 0
         self._missing_prompts: set[str] = set()
 
@@ -113,7 +113,8 @@ class MaskPanels(Callback):
         Every rank runs the interaction: under FSDP a forward pass is a collective, so rank zero cannot run it alone.
         """
         step = trainer.global_step
-        if step == self._last_step:
+        # Once per step and image set; validation images replacing the training stand-ins are shown again.
+        if (step, self._from_validation) == self._last_logged:
             return []
         # All ranks or none: a rank that saw no validation batch must not leave the others in a collective.
         if not trainer.strategy.reduce_boolean_decision(self._batch is not None, all=True):
@@ -124,7 +125,7 @@ class MaskPanels(Callback):
             )
             self._disabled = True
             return []
-        self._last_step = step
+        self._last_logged = (step, self._from_validation)
         traces = self._interact(trainer, pl_module)
         if not trainer.is_global_zero:
             return []

@@ -56,7 +56,9 @@ class BoxPrompt(PromptType):
         n, size = gt_masks.shape[0], gt_masks.shape[-1]
         if self.noise_std > 0:
             sides = (boxes[:, 2:] - boxes[:, :2] + 1).repeat(1, 2)  # N x 4: w, h, w, h
-            noise = torch.randn(boxes.shape, generator=generator, device=boxes.device) * self.noise_std * sides
+            noise = (
+                torch.randn(boxes.shape, generator=generator, device=boxes.device) * self.noise_std * sides
+            )
             boxes = boxes + noise.clamp(-self.max_noise, self.max_noise)
         limit = torch.full((n, 2), float(size - 1), device=boxes.device)  # N x 2: x max, y max
         if context is not None and context.input_sizes is not None and context.image_index is not None:

@@ -148,7 +148,9 @@ class TextPrompt(PromptType):
         pixels = (images.float() * std + mean) / 255.0  # B x 3 x S x S in [0, 1]
         crops = roi_align(pixels, torch.cat([image_index[:, None].float(), boxes], 1), size, aligned=True)
         mask_rois = torch.cat([torch.arange(n, device=device)[:, None].float(), boxes], 1)
-        crop_masks = roi_align(gt_masks[:, None].float(), mask_rois, size, aligned=True) > 0.5  # N x 1 x s x s
+        crop_masks = (
+            roi_align(gt_masks[:, None].float(), mask_rois, size, aligned=True) > 0.5
+        )  # N x 1 x s x s
         zero_outside = torch.rand(n, 1, 1, 1, generator=generator, device=device) < self.zero_outside_prob
         crops = torch.where(zero_outside & ~crop_masks, torch.zeros_like(crops), crops)
         clip_mean = torch.tensor(getattr(clip.visual, "image_mean", None) or _OPENAI_MEAN, device=device)

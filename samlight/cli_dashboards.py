@@ -63,7 +63,11 @@ class DashboardsCLIMixin:
         if config.get("logger") is False:
             # LearningRateMonitor refuses to run without a logger; there is nothing to log the rate to anyway.
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        configured = list(config.get("callbacks") or [])
+        configured = config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        # A config that also lists one of these callbacks in trainer.callbacks (say a LearningRateMonitor) keeps
+        # its own; the section's copy would log the same keys twice.
+        callbacks = [c for c in callbacks if not any(type(c) is type(other) for other in configured)]
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured + callbacks
         ):

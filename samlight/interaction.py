@@ -130,7 +130,9 @@ def run_episode(
             feedback = rounds[-1].low_res_logits.gather(1, _expand_index(rounds[-1].best, rounds[-1]))
             round_prompts = replace(prompts, mask_inputs=feedback.detach() if detach_feedback else feedback)
             multimask = False
-        logits, iou_pred = _decode(model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds)
+        logits, iou_pred = _decode(
+            model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds
+        )
         best = iou_pred.argmax(dim=1)  # N
         rounds.append(RoundOutput(low_res_logits=logits, iou_predictions=iou_pred, best=best))
         chosen = logits.detach().gather(1, _expand_index(best, rounds[-1]))  # N x 1 x s x s

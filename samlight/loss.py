@@ -63,7 +63,9 @@ class SamLoss(nn.Module):
         self.gamma = gamma
         self.supervise_all_iou = supervise_all_iou
 
-    def forward(self, logits: Tensor, iou_predictions: Tensor, targets: Tensor, weights: Tensor) -> LossOutput:
+    def forward(
+        self, logits: Tensor, iou_predictions: Tensor, targets: Tensor, weights: Tensor
+    ) -> LossOutput:
         """Loss of one round.
 
         Args:

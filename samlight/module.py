@@ -104,9 +104,13 @@ class SamModule(LightningModule):
             )
         self.prompt_weights = torch.tensor(weights, dtype=torch.float)
         self.clicks = clicks if clicks is not None else CorrectiveClicks()
-        val_types = [as_prompt_type(p) for p in (val_prompts or [PointPrompt(mode="center"), BoxPrompt(noise_std=0.0)])]
+        val_types = [
+            as_prompt_type(p) for p in (val_prompts or [PointPrompt(mode="center"), BoxPrompt(noise_std=0.0)])
+        ]
         self.val_prompts = _unique_names(val_types)
-        self.val_clicks = val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
+        self.val_clicks = (
+            val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
+        )
         self.loss_fn = loss if loss is not None else SamLoss()
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
@@ -268,7 +272,9 @@ class SamModule(LightningModule):
             if i == 0:
                 self._per_label_metrics(batch, slots, metrics, weights)
 
-    def _evaluate(self, batch, embeddings, ptype, clicks, gt, image_index, slots, region, generator, keep=False):
+    def _evaluate(
+        self, batch, embeddings, ptype, clicks, gt, image_index, slots, region, generator, keep=False
+    ):
         context = PromptContext(
             images=batch.images,
             image_index=image_index,

@@ -76,7 +76,9 @@ def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: floa
     return factor
 
 
-def freeze(model: nn.Module, *, image_encoder: bool = False, prompt_encoder: bool = False, mask_decoder: bool = False):
+def freeze(
+    model: nn.Module, *, image_encoder: bool = False, prompt_encoder: bool = False, mask_decoder: bool = False
+):
     """Set requires_grad False on the named parts of a `Sam`."""
     for part, frozen in (
         ("image_encoder", image_encoder),
@@ -98,7 +100,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("LoRA needs peft: pip install 'samlight[lora]'") from err
     config = LoraConfig(
-        r=r,
+        r=int(r),  # YAML/CLI `lora: {r: 8}` arrives as a float through SamModule's dict[str, float]
         lora_alpha=alpha,
         lora_dropout=dropout,
         # Attention projections only: `proj` alone would also match the patch-embedding convolution.
@@ -126,7 +128,9 @@ def _num_blocks(model: nn.Module) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def build_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def build_adamw(
+    groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
     if not groups:
         raise ValueError(
             "no trainable parameters: every part of the model is frozen (freeze_image_encoder / "

@@ -345,7 +345,9 @@ def read_scene_prompts(path: Path, src: Any, prompts_crs: str | None) -> list[Ob
             if source_crs is not None and src.crs is not None and source_crs != src.crs:
                 xs, ys = warp(source_crs, src.crs, xy[:, 0].tolist(), xy[:, 1].tolist())
                 xy = np.stack([xs, ys], axis=1)
-            cols, rows = inverse @ (xy[:, 0], xy[:, 1])
+            # the inverse affine by its coefficients: works with every affine/rasterio version
+            cols = inverse.a * xy[:, 0] + inverse.b * xy[:, 1] + inverse.c
+            rows = inverse.d * xy[:, 0] + inverse.e * xy[:, 1] + inverse.f
             pixel = np.stack([np.asarray(cols), np.asarray(rows)], axis=1)
             if key == "box":  # map y usually points up: take min/max again in pixel space
                 pixel = np.array([pixel[:, 0].min(), pixel[:, 1].min(), pixel[:, 0].max(), pixel[:, 1].max()])

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import rasterio
-    from rasterio.transform import from_origin
+    from rasterio.transform import from_origin, xy
 
     rng = np.random.default_rng(0)
     transform = from_origin(500000.0, 4_650_000.0, 10.0, 10.0)
@@ -84,10 +84,13 @@ def main() -> None:
     features = []
     for n, (c0, r0, c1, r1) in enumerate(first_val[:8]):
         if n % 2 == 0:  # a click in the middle of the building
-            x, y = transform * ((c0 + c1) / 2, (r0 + r1) / 2)
+            x, y = xy(transform, (r0 + r1) / 2, (c0 + c1) / 2, offset="ul")
             geometry = {"type": "Point", "coordinates": [x, y]}
         else:  # a box drawn around it, as a polygon in map coordinates
-            ring = [transform * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0))]
+            ring = [
+                xy(transform, r, c, offset="ul")
+                for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0))
+            ]
             geometry = {"type": "Polygon", "coordinates": [[list(p) for p in ring]]}
         features.append({"type": "Feature", "properties": {"label": 1}, "geometry": geometry})
     collection = {

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from samlight.prompts.clicks import CorrectiveClicks, distance_to_boundary, jump_flood_distance
 from scipy import ndimage
+
+from samlight.prompts.clicks import CorrectiveClicks, distance_to_boundary, jump_flood_distance
 
 
 def _blobs(n: int, size: int, seed: int, threshold: float = 0.55) -> torch.Tensor:
@@ -27,7 +28,9 @@ def _at(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["uniform", "center"])
 def test_click_in_error_region_with_correct_label(mode):
     gt, pred = _blobs(12, 48, 0), _blobs(12, 48, 1)
-    coords, labels = CorrectiveClicks(mode=mode).next_clicks(gt, pred, generator=torch.Generator().manual_seed(0))
+    coords, labels = CorrectiveClicks(mode=mode).next_clicks(
+        gt, pred, generator=torch.Generator().manual_seed(0)
+    )
     assert coords.shape == (12, 1, 2) and labels.shape == (12, 1) and labels.dtype == torch.long
     assert torch.all((coords >= 0) & (coords < 48))
     false_neg, false_pos = gt & ~pred, pred & ~gt

@@ -9,11 +9,11 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
 from samlight.callbacks.data_health import DataHealth
 from samlight.callbacks.parameter_summary import parameter_counts
 from samlight.callbacks.progress import SamlightProgressBar
-from torch import nn
-
 from samlight.run_layout import run_dir
 
 
@@ -84,3 +84,36 @@ def test_click_curve_rows_from_logged_metrics() -> None:
         "train/loss": 1.0,
     }
     assert click_curve_rows(metrics) == [("all", 1, 0.5), ("all", 3, 0.7), ("box", 1, 0.6)]
+
+
+def test_cli_adds_dashboard_callbacks_once(tmp_path: Path, monkeypatch) -> None:
+    """The always-on sections become callbacks; one also listed in trainer.callbacks is not added twice."""
+    import sys
+
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from samlight.callbacks.data_health import DataHealth
+    from samlight.callbacks.mask_panels import MaskPanels
+    from samlight.callbacks.parameter_summary import ParameterSummary
+    from samlight.module import SamModule
+    from samlight.train_cli import SamlightCLI, default_config_path
+
+    monkeypatch.setattr(sys, "argv", ["samlight"])
+    args = [
+        "--config",
+        default_config_path(),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=LearningRateMonitor",
+        "--panels.num_images=3",
+    ]
+    cli = SamlightCLI(SamModule, LightningDataModule, subclass_mode_data=True, run=False, args=args)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert kinds.count(LearningRateMonitor) == 1
+    for kind in (MaskPanels, DataHealth, SamlightProgressBar, ParameterSummary):
+        assert kinds.count(kind) == 1, kind
+    assert next(c for c in cli.trainer.callbacks if isinstance(c, MaskPanels)).num_images == 3
+    # No logger configured: a CSV logger named after the config, under the root directory.
+    assert isinstance(cli.trainer.logger, CSVLogger)
+    assert Path(cli.trainer.logger.log_dir) == tmp_path / "quickstart" / "version_0"

@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
+
 from samlight.datamodules.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
 
@@ -205,3 +206,29 @@ def test_band_and_tile_helpers():
     for start in tile_starts(10_000, 1024, 128):
         covered[start : start + 1024] = True
     assert covered.all()
+
+
+def test_finetune_satellite_config_builds_lora(capsys):
+    """The shipped config parses (official checkpoint, LoRA, box + point prompts, the paper's loss, bf16), and its
+    LoRA settings build on a tiny model as the CLI passes them (numbers as floats)."""
+    import yaml
+
+    from samlight import SamModule
+    from samlight.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_satellite.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    model = parsed["model"]
+    assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
+    assert model["lora"]["r"] == 8 and model["freeze_image_encoder"] is False
+    assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
+    loss = model["loss"]["init_args"]
+    assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)
+    assert parsed["trainer"]["precision"] == "bf16-mixed"
+    module = SamModule(variant="tiny", lora={k: float(v) for k, v in model["lora"].items()})
+    trainable = {
+        n.split(".lora_")[0] for n, p in module.model.image_encoder.named_parameters() if p.requires_grad
+    }
+    assert trainable and all("attn" in n for n in trainable)  # only the adapters train in the encoder

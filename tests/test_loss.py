@@ -42,7 +42,9 @@ def _reference(logits, iou_pred, target, weights, supervise_all_iou=True):
             iou_err = (float(iou_pred[n, k]) - actual_iou) ** 2
             per_output.append((20 * focal + dice, focal, dice, iou_err))
         best = min(range(len(per_output)), key=lambda k: per_output[k][0])
-        iou_term = sum(o[3] for o in per_output) / len(per_output) if supervise_all_iou else per_output[best][3]
+        iou_term = (
+            sum(o[3] for o in per_output) / len(per_output) if supervise_all_iou else per_output[best][3]
+        )
         w = float(weights[n])
         totals["focal"] += w * per_output[best][1]
         totals["dice"] += w * per_output[best][2]

@@ -12,6 +12,7 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 wds = pytest.importorskip("webdataset")
 from pycocotools import mask as mask_utils  # noqa: E402
+
 from samlight.datamodules.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.volumes import (  # noqa: E402
     Intensity,
@@ -315,3 +316,24 @@ def test_dicom_series_sorted_by_position_with_lps_to_ras(tmp_path):
             labels=tmp_path / "bad.nii.gz",
             out="bad",
         )
+
+
+def test_finetune_medical_config(capsys):
+    """The shipped config starts from the official checkpoint with a frozen encoder, box + point prompts and the
+    paper's loss in bf16."""
+    import yaml
+
+    from samlight.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_medical.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    model = parsed["model"]
+    assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
+    assert model["freeze_image_encoder"] is True and model["lora"] is None
+    assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
+    loss = model["loss"]["init_args"]
+    assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)
+    assert parsed["trainer"]["precision"] == "bf16-mixed"
+    assert parsed["data"]["class_path"].endswith("SA1BDataModule")

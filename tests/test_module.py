@@ -103,7 +103,13 @@ def test_fit_logs_the_documented_metrics(tmp_path):
     )
     trainer.fit(module, datamodule=_Batches([make_batch(seed=i) for i in range(2)]))
     logged = trainer.callback_metrics
-    expected = ["train/loss", "train/loss_focal", "train/loss_dice", "train/loss_iou", "train/skipped_nonfinite"]
+    expected = [
+        "train/loss",
+        "train/loss_focal",
+        "train/loss_dice",
+        "train/loss_iou",
+        "train/skipped_nonfinite",
+    ]
     expected += [f"val/miou@{k}" for k in (1, 2, 3)] + [f"val/point/miou@{k}" for k in (1, 2, 3)]
     expected += ["val/oracle@1", "val/box/miou", "val/box/miou@1", "val/iou_calibration_error", "val/dice"]
     expected += ["val/dice/label_1", "val/iou/label_2"]
@@ -200,7 +206,8 @@ def test_optimizer_groups_layer_decay_and_no_decay():
                 assert group["lr"] == pytest.approx(0.5**depth)
             if name.startswith("mask_decoder."):
                 assert group["lr"] == pytest.approx(1.0)
-            if p.ndim == 1 or "pos_embed" in name or "rel_pos" in name:
+            no_decay = ("pos_embed", "rel_pos", "iou_token", "mask_tokens")
+            if p.ndim == 1 or any(part in name for part in no_decay):
                 assert group["weight_decay"] == 0.0, name
             else:
                 assert group["weight_decay"] == 0.1, name
@@ -222,7 +229,9 @@ def test_lora_trains_adapters_and_merges_to_official_keys(tmp_path):
     module = _module(lora={"r": 4, "alpha": 8, "dropout": 0.0}, freeze_prompt_encoder=True)
     encoder_trainable = [n for n, p in module.model.image_encoder.named_parameters() if p.requires_grad]
     assert encoder_trainable and all("lora_" in n for n in encoder_trainable)
-    assert any(".attn.qkv." in n for n in encoder_trainable) and any(".attn.proj." in n for n in encoder_trainable)
+    assert any(".attn.qkv." in n for n in encoder_trainable) and any(
+        ".attn.proj." in n for n in encoder_trainable
+    )
     # Move the adapters away from their zero init so merging changes the weights.
     with torch.no_grad():
         for n, p in module.model.image_encoder.named_parameters():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from samlight.callbacks.panel_render import (
     BACKGROUND_CLICK,
     BOX_COLOR,
@@ -19,9 +20,8 @@ from samlight.callbacks.panel_render import (
     panel_png,
     panels_from_trace,
 )
-from samlight.prompts.types import Prompts
-
 from samlight.interaction import InteractionTrace
+from samlight.prompts.types import Prompts
 
 S = 64
 
@@ -174,6 +174,7 @@ def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monke
                 "--config",
                 default_config_path(),
                 *SHORT_RUN,
+                "--panels.every_n_steps=1",  # also during training: the first training batch stands in
                 *_own_demo_shards(tmp_path),
                 f"--trainer.default_root_dir={tmp_path / 'runs'}",
             ]
@@ -182,8 +183,11 @@ def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monke
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
-    pngs = sorted(p.name for p in (run_dir / "panels" / "step_2").glob("*.png"))
-    assert pngs == ["box_image0.png", "box_image1.png", "point_image0.png", "point_image1.png"]
+    expected = ["box_image0.png", "box_image1.png", "point_image0.png", "point_image1.png"]
+    for step in (1, 2):  # step 1: training panels; step 2: training, then validation images
+        assert sorted(p.name for p in (run_dir / "panels" / f"step_{step}").glob("*.png")) == expected
+    validation_images = (run_dir / "panels" / "step_2" / "point_image0.png").read_bytes()
+    assert validation_images != (run_dir / "panels" / "step_1" / "point_image0.png").read_bytes()
     sheet = np.asarray(Image.open(run_dir / "panels" / "step_2" / "point_image0.png").convert("RGB"))
     assert sheet.shape[1] > 2 * sheet.shape[0] // 2 and sheet.std() > 10  # three tiles with content
     # The model summary with trainable/frozen counts is on.

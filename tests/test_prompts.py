@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from samlight import build_sam
 from samlight.prompts import (
     BoxPrompt,
     MaskPrompt,
@@ -16,8 +18,6 @@ from samlight.prompts import (
     check_prompts,
     resolve_prompt_type,
 )
-
-from samlight import build_sam
 
 S = 128
 TINY_CLIP = {
@@ -93,7 +93,9 @@ def test_box_prompt_noise_is_bounded_and_clamped():
     gt = _masks()
     exact = BoxPrompt(noise_std=0.0).sample(gt).boxes
     assert exact[0].tolist() == [20.0, 10.0, 89.0, 59.0]
-    noisy = BoxPrompt(noise_std=0.1, max_noise=3.0).sample(gt, generator=torch.Generator().manual_seed(0)).boxes
+    noisy = (
+        BoxPrompt(noise_std=0.1, max_noise=3.0).sample(gt, generator=torch.Generator().manual_seed(0)).boxes
+    )
     assert (noisy[:4] - exact[:4]).abs().max() <= 3.0 + 1e-5
     assert not torch.equal(noisy, exact)
     huge = BoxPrompt(noise_std=5.0, max_noise=1000.0)

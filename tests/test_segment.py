@@ -15,11 +15,12 @@ import pytest
 nib = pytest.importorskip("nibabel")
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
+from rasterio.transform import xy as xy_of  # noqa: E402
 from rasterio.warp import transform as warp  # noqa: E402
-from samlight.datamodules.raster import Stretch  # noqa: E402
-from samlight.datamodules.volumes import Intensity  # noqa: E402
 
 from samlight.cli import main as samlight_main  # noqa: E402
+from samlight.datamodules.raster import Stretch  # noqa: E402
+from samlight.datamodules.volumes import Intensity  # noqa: E402
 from samlight.segment import (  # noqa: E402
     read_scene_prompts,
     read_volume_prompts,
@@ -128,7 +129,7 @@ def test_scene_prompts_in_map_coordinates_tiled_and_pasted_back(tmp_path):
     path = write_scene(tmp_path)
 
     def xy(col, row):  # pixel corner -> map coordinates
-        return list(TRANSFORM * (col, row))
+        return list(xy_of(TRANSFORM, row, col, offset="ul"))
 
     box = [xy(150, 100), xy(220, 100), xy(220, 140), xy(150, 140), xy(150, 100)]
     big = [xy(20, 150), xy(260, 150), xy(260, 290), xy(20, 290), xy(20, 150)]  # larger than a 128 px tile
@@ -265,7 +266,7 @@ def test_cli_volume_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint):
 
 def test_cli_scene_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, capsys):
     path = write_scene(tmp_path)
-    x, y = TRANSFORM * (100, 100)
+    x, y = xy_of(TRANSFORM, 100, 100, offset="ul")
     geojson = {
         "type": "FeatureCollection",
         "features": [

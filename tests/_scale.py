@@ -1,0 +1,93 @@
+"""Helpers for the scale-out tests (FSDP, multi-node, resume): tiny CLI runs in subprocesses on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+FSDP = Path(__file__).resolve().parents[1] / "configs" / "fsdp.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemption: bool = False) -> Path:
+    """Overrides on top of quickstart.yaml: 1 image x 4 masks per step, 2 rounds, no validation, a checkpoint
+    (and last.ckpt) every step in `ckpt_dir`, throughput logged every step."""
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(ckpt_dir),
+                "save_last": True,
+                "every_n_train_steps": 1,
+                "save_top_k": 1,
+            },
+        },
+        {"class_path": "samlight.callbacks.throughput.Throughput", "init_args": {"log_every_n_steps": 1}},
+    ]
+    if preemption:
+        callbacks.append({"class_path": "samlight.callbacks.preemption.PreemptionCheckpoint"})
+    config = {
+        "model": {"warmup_steps": 2, "lr_milestones": [1000]},
+        "data": {
+            "init_args": {
+                "val_urls": None,
+                "batch_size": 1,
+                "max_masks": 4,
+                "num_workers": 0,
+                "batches_per_epoch": 1000,
+            }
+        },
+        "trainer": {
+            "max_steps": max_steps,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "val_check_interval": None,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "runs"),
+            "callbacks": callbacks,
+        },
+    }
+    path = tmp_path / f"tiny_{max_steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env(cache: Path, **extra: str) -> dict[str, str]:
+    """Subprocess environment: one thread per process (2 CPU cores), demo shards in a test cache."""
+    out = {**os.environ, "OMP_NUM_THREADS": "1", "SAMLIGHT_CACHE": str(cache), "PYTHONFAULTHANDLER": "1"}
+    out.update(extra)
+    return out
+
+
+def samlight(
+    args: list[str], *, environ: dict[str, str], timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Run the `samlight` CLI in a subprocess (Lightning re-launches it for extra local ranks)."""
+    cmd = [sys.executable, "-m", "samlight.cli", *args]
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
+    )
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """The Lightning metadata (global_step, loops, lr_schedulers, ...) of a .ckpt file or sharded directory."""
+    file = path / "meta.pt" if path.is_dir() else path
+    return torch.load(file, map_location="cpu", weights_only=True)
