@@ -173,6 +173,12 @@ def _check_tree(
             yield UnknownKey(key, source, known.suggest(key))
 
 
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
@@ -180,8 +186,8 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Config files and `--key` names from one subcommand's arguments, in order."""
+def _split_args(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """Config files and (`--key` name, value) pairs from one subcommand's arguments, in order."""
     configs, keys = [], []
     i = 0
     while i < len(args):
@@ -194,7 +200,11 @@ def _split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
         if arg.startswith("--config="):
             configs.append(arg.split("=", 1)[1])
         elif arg.startswith("--"):
-            keys.append(arg[2:].split("=", 1)[0].rstrip("+"))
+            name, eq, value = arg[2:].partition("=")
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                value = args[i + 1]
+                i += 1
+            keys.append((name.rstrip("+"), value if eq or value else None))
         i += 1
     return configs, keys
 
@@ -219,7 +229,12 @@ def find_unknown_keys(parser: Any, args: Sequence[str]) -> list[UnknownKey]:
             continue
         problems.extend(_check_tree(tree, "", known, merged, path))
         merged = _deep_merge(merged, tree)
-    for key in cli_keys:
+    for key, value in cli_keys:
+        if key in known.class_keys and value and not value.lstrip().startswith(("{", "[")):
+            # `--data=pkg.Class` or `--data.class_path=...` picks the class later keys are checked against.
+            merged = _deep_merge(merged, _nested(key, {"class_path": value}))
+        elif key.endswith(".class_path") and key[: -len(".class_path")] in known.class_keys and value:
+            merged = _deep_merge(merged, _nested(key[: -len(".class_path")], {"class_path": value}))
         if key in known.keys or key in _FLAGS:
             continue
         parts = key.split(".")
@@ -230,11 +245,12 @@ def find_unknown_keys(parser: Any, args: Sequence[str]) -> list[UnknownKey]:
         if owner in known.class_keys:
             rest = parts[len(owner.split(".")) :]
             section = _lookup(merged, owner)
-            if rest and rest[0] == "init_args":
-                rest = rest[1:]
+            via_init_args = bool(rest) and rest[0] == "init_args"
+            rest = rest[1:] if via_init_args else rest
             class_path = section.get("class_path") if isinstance(section, dict) else None
             if rest and class_path:
-                problems.extend(_check_class_section({rest[0]: None}, owner, "command line", class_path))
+                given = {"init_args": {rest[0]: None}} if via_init_args else {rest[0]: None}
+                problems.extend(_check_class_section(given, owner, "command line", class_path))
             continue
         problems.append(UnknownKey(key, "command line", known.suggest(key)))
     return problems

@@ -93,7 +93,9 @@ def _touch_root_parameters(model: nn.Module) -> None:
     FSDP2 reduce-scatters only the parameters that have a gradient. Which prompt-encoder parameters are used
     depends on the prompts a rank drew (box corner embeddings only with boxes, the text projection only with text,
     `no_mask_embed` only without a mask prompt), so ranks would enter the reduce-scatter with different sizes and
-    hang. Adding 0 x (one element of each) to the image embeddings costs one tiny op per parameter.
+    hang. Adding 0 x (one element of each) to the image embeddings costs one tiny op per parameter. The one
+    visible effect: AdamW then applies weight decay (and leftover momentum) to a parameter no rank used in a step,
+    which a single process would skip.
     """
     encode_images = model.encode_images
     root_parts = (model.prompt_encoder, model.mask_decoder)

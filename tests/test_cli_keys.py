@@ -145,3 +145,10 @@ def test_configs_doc_covers_every_shipped_config() -> None:
         assert f"## `configs/{config.name}`" in doc, (
             f"docs/configs.md has no section for configs/{config.name}: run python scripts/gen_configs_doc.py"
         )
+
+
+def test_class_chosen_on_the_command_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    config = _config(tmp_path)
+    args = ["fit", "--config", config, "--data=lightning.pytorch.demos.boring_classes.BoringDataModule"]
+    err = _fails([*args, "--data.init_args.batch_size=2"], capsys, monkeypatch, tmp_path)
+    assert "'data.init_args.batch_size'" in err  # BoringDataModule takes no batch_size

@@ -210,3 +210,17 @@ def test_official_variant_sizes(variant, params_m):
         sam = build_sam(variant)
     assert sam.image_size == 1024
     assert sum(p.numel() for p in sam.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
+
+
+def test_bf16_autocast_train_step(tiny_sam):
+    """Training runs in bf16 mixed precision by default (DESIGN.md section 5): dtypes must line up."""
+    tiny_sam.train()
+    coords, labels = _points(8, 1)
+    prompts = Prompts(point_coords=coords, point_labels=labels, mask_inputs=torch.randn(8, 1, 64, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = tiny_sam.encode_images(_images(2))
+        logits, iou = tiny_sam.decode(emb, torch.arange(8) % 2, prompts, multimask_output=False)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (8, 1, 64, 64)
+    (logits.float().mean() + iou.float().mean()).backward()
+    grad = tiny_sam.image_encoder.patch_embed.proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -311,3 +311,33 @@ def test_cli_scene_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, capsys)
     bad = tmp_path / "scene.png"
     bad.write_bytes(b"")
     assert samlight_main([*args[:8], str(bad), *args[9:]]) == 2
+
+
+def test_export_merges_lora_of_a_run_checkpoint(tmp_path):
+    """A LoRA run's .ckpt (peft key names) exports to official weights with the adapters folded in, equal to
+    peft's own merge, so `samlight segment` can load it."""
+    import torch
+
+    from samlight import SamModule, build_sam, save_official
+
+    torch.manual_seed(0)
+    module = SamModule(variant="tiny", lora={"r": 4.0, "alpha": 8.0})
+    with torch.no_grad():
+        for name, param in module.model.image_encoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # trained adapters are non-zero
+    ckpt = tmp_path / "run.ckpt"
+    state = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"lora": {"r": 4.0, "alpha": 8.0}}}, ckpt)
+    assert samlight_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out.pth")]) == 0
+    save_official(module, tmp_path / "reference.pth")
+    exported = torch.load(tmp_path / "out.pth", map_location="cpu", weights_only=True)
+    reference = torch.load(tmp_path / "reference.pth", map_location="cpu", weights_only=True)
+    assert sorted(exported) == sorted(reference)
+    for key in reference:
+        torch.testing.assert_close(exported[key], reference[key])
+    qkv = "image_encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(
+        exported[qkv], module.model.image_encoder.base_model.model.blocks[0].attn.qkv.base_layer.weight
+    )
+    build_sam("tiny", checkpoint=tmp_path / "out.pth")  # loads strictly

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def wandb_records(path: Path) -> Iterator:
         if kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # the writer has not finished this chunk yet
+            return
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -87,6 +90,17 @@ def history(path: Path) -> list[dict]:
     return rows
 
 
+def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:
+    """`wandb.finish()` can return before W&B's service process has written the log's last (partial) block;
+    the run is complete once its `exit` record is readable."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{path}: no exit record after {timeout} s; the W&B run was not finished")
+
+
 @pytest.mark.slow
 def test_quickstart_logs_metrics_and_mask_panels_offline(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -110,7 +124,9 @@ def test_quickstart_logs_metrics_and_mask_panels_offline(tmp_path: Path, monkeyp
     runs = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {tmp_path / 'runs' / 'wandb'}, found {runs}"
     run = runs[0]
-    rows = history(next(run.glob("run-*.wandb")))
+    log = next(run.glob("run-*.wandb"))
+    _wait_for_exit_record(log)
+    rows = history(log)
 
     scalars = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
     for key in (
