@@ -14,12 +14,12 @@ import statistics
 import time
 
 import torch
-from samlight.prompts.types import Prompts
 from segment_anything.modeling import MaskDecoder as OfficialMaskDecoder
 from segment_anything.modeling import PromptEncoder as OfficialPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as OfficialTwoWayTransformer
 
 from samlight import build_sam
+from samlight.prompts.types import Prompts
 
 
 def _official_parts(sam) -> tuple[torch.nn.Module, torch.nn.Module]:

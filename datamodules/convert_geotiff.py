@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
+
 from samlight.datamodules.convert import MAX_NAMES_PER_REASON, ConvertSummary, open_writer, progress
 from samlight.datamodules.raster import (
     Stretch,
@@ -27,7 +29,6 @@ from samlight.datamodules.raster import (
 )
 from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
 from samlight.datamodules.volumes import parse_percentile
-from scipy import ndimage
 
 log = logging.getLogger("samlight.datamodules")
 

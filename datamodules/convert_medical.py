@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
+
 from samlight.datamodules.convert import ConvertSummary, open_writer, progress
 from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
 from samlight.datamodules.volumes import (
@@ -32,7 +34,6 @@ from samlight.datamodules.volumes import (
     slice_plane,
     to_uint8,
 )
-from scipy import ndimage
 
 
 class VolumeMismatch(ValueError):

@@ -101,13 +101,13 @@ def normalize_state_dict(obj: object, *, source: str = "<state dict>") -> dict[s
             f"Checkpoint {source} is not a plain state dict: {len(not_tensors)} entries are not tensors "
             f"(e.g. {not_tensors[:5]})"
         )
-    prefix = _sam_prefix(obj.keys())
+    prefix = _sam_prefix(obj.keys(), source)
     if prefix:
         obj = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
     return timm_to_official(dict(obj))
 
 
-def _sam_prefix(keys) -> str:
+def _sam_prefix(keys, source: str) -> str:
     """The common prefix in front of `image_encoder.` / `prompt_encoder.` / `mask_decoder.` keys ('' if none)."""
     pattern = re.compile(r"^(.*?)(?:" + "|".join(re.escape(p) for p in _SAM_PARTS) + ")")
     prefixes = {m.group(1) for k in keys if (m := pattern.match(k))}
@@ -116,7 +116,8 @@ def _sam_prefix(keys) -> str:
     if "" in prefixes:
         return ""
     raise ValueError(
-        f"Checkpoint holds several SAM models under prefixes {sorted(prefixes)}; export one of them"
+        f"Checkpoint {source} holds several SAM models under the prefixes {sorted(prefixes)}; keep the keys "
+        "of one of them, with that prefix removed, and save those"
     )
 
 

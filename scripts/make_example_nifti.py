@@ -48,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import nibabel as nib
+
     from samlight.datamodules.volumes import canonical, slice_plane
 
     rng = np.random.default_rng(0)

@@ -203,3 +203,11 @@ def test_export_keeps_a_text_projection(tmp_path, capsys):
     assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
     assert "text_proj" in capsys.readouterr().out
     _assert_same_weights(build_sam("tiny", checkpoint=out, text_embed_dim=8), sam)
+
+
+def test_two_models_in_one_checkpoint_is_an_error(tiny_sam, tmp_path):
+    state = tiny_sam.state_dict()
+    both = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema.{k}": v for k, v in state.items()}}
+    torch.save({"state_dict": both}, tmp_path / "ema.ckpt")
+    with pytest.raises(ValueError, match=r"ema\.ckpt holds several SAM models.*'ema\.', 'model\.'"):
+        load_state_dict(tmp_path / "ema.ckpt")

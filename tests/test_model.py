@@ -7,12 +7,12 @@ from functools import partial
 
 import pytest
 import torch
-from samlight.prompts.types import Prompts
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 from samlight import build_sam
 from samlight.build import variant_config
 from samlight.modeling.image_encoder import official_to_timm, timm_to_official
+from samlight.prompts.types import Prompts
 
 S = 256  # tiny input side
 N = 6  # prompts

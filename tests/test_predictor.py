@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import segment_anything
 import torch
-from samlight.prompts.types import Prompts
 
 from samlight import SamPredictor
+from samlight.prompts.types import Prompts
 from samlight.transforms import apply_coords, get_preprocess_shape, normalize_and_pad, resize_longest_image
 
 H, W = 150, 200  # a non-square image smaller than the tiny input (256)

@@ -151,3 +151,31 @@ def test_registry_names_and_unknown_name():
     assert resolve_prompt_type("box") is BoxPrompt
     with pytest.raises(KeyError, match="registered short names: .*box"):
         resolve_prompt_type("lasso")
+
+
+@pytest.mark.filterwarnings("ignore:TextPrompt", "ignore:.*self.trainer")
+def test_text_prompt_trains_the_text_projection():
+    from samlight.datamodules.batch import SegmentationBatch
+    from samlight.module import SamModule
+    from samlight.prompts import CorrectiveClicks
+
+    module = SamModule(
+        variant="tiny",
+        model_overrides={"image_size": S},
+        prompts=[TextPrompt(clip_model=TINY_CLIP, min_mask_side=8)],
+        clicks=CorrectiveClicks(num_clicks=1, mask_only_rounds=0),
+    )
+    gt = _masks(4)[None]  # 1 image x 4 mask slots
+    batch = SegmentationBatch(
+        images=torch.randn(1, 3, S, S),
+        masks=gt,
+        mask_valid=torch.ones(1, 4, dtype=torch.bool),
+        original_sizes=torch.tensor([[S, S]]),
+        input_sizes=torch.tensor([[S, S]]),
+    )
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.model.prompt_encoder.text_proj.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in module.prompt_types[0]._clip[0].parameters())  # CLIP stays frozen
+    assert not any("clip" in k.lower() for k in module.state_dict())  # and is not saved

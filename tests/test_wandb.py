@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 wandb = pytest.importorskip("wandb")
 
@@ -155,6 +157,8 @@ def test_quickstart_logs_metrics_and_mask_panels_offline(tmp_path: Path, monkeyp
                 assert set(masks) == {"ground_truth", "prediction"}
                 for layer in masks.values():
                     assert layer["_type"] == "mask" and (run / "files" / layer["path"]).is_file()
+                labels = np.unique(np.asarray(Image.open(run / "files" / masks["ground_truth"]["path"])))
+                assert labels[0] == 0 and 1 <= labels[-1] <= 3  # background + up to max_masks_per_image masks
 
     # The run's config is on W&B (config record) and as a file; the run directory sits beside it.
     config_keys = {
