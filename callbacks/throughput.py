@@ -70,7 +70,13 @@ class Throughput(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        model = pl_module.model
+        model = getattr(pl_module, "model", None)
+        if model is None or not hasattr(model, "image_encoder"):
+            log.warning(
+                "samlight Throughput: %s has no SAM `.model`; MFU will not be logged",
+                type(pl_module).__name__,
+            )
+            return
         self._encoder_trainable = any(p.requires_grad for p in model.image_encoder.parameters())
         if self.rounds is None:
             clicks = getattr(pl_module, "clicks", None)

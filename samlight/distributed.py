@@ -52,7 +52,9 @@ def apply_fsdp(
             the all-gathers and only gradient all-reduces cross the slower inter-node network.
         mp_param_dtype: dtype parameters are all-gathered and computed in ("bfloat16", "float16", a torch dtype);
             gradients are always reduced in float32 and the sharded master weights stay float32. "auto" means
-            bfloat16 on CUDA and full precision elsewhere (CPU bf16 matmuls are slow); None disables it.
+            bfloat16 on CUDA and full precision elsewhere (CPU bf16 matmuls are slow); None disables it. Pair a
+            16-bit dtype with `trainer.precision: bf16-mixed` (configs/fsdp.yaml does): `decode` is not an FSDP
+            method, so only autocast reconciles its float32 prompt tensors with 16-bit decoder weights.
         activation_checkpointing: recompute each encoder block's activations in backward instead of storing them
             (timm's per-block checkpointing; memory per block drops to its input).
 

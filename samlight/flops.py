@@ -109,7 +109,9 @@ def count_sam_flops(model: nn.Module, *, multimask_output: bool = True) -> SamFl
     return SamFlops(encoder_per_image=encoder, decoder_per_mask=two - one, decoder_per_call=2 * one - two)
 
 
-def _decode_flops(model: nn.Module, embeddings: torch.Tensor, *, num_masks: int, multimask_output: bool) -> int:
+def _decode_flops(
+    model: nn.Module, embeddings: torch.Tensor, *, num_masks: int, multimask_output: bool
+) -> int:
     h, w = embeddings.shape[-2:]
     device = embeddings.device
     prompts = Prompts(
@@ -128,7 +130,9 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     # deepcopy consults `memo` by object id first, so each tensor is replaced by its meta twin instead of copied.
     memo: dict[int, torch.Tensor] = {}
     for param in model.parameters():
-        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        memo[id(param)] = nn.Parameter(
+            torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+        )
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     return copy.deepcopy(model, memo)

@@ -103,9 +103,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
         if not self._save_distributed_checkpoint:
-            super().save_checkpoint(checkpoint, filepath, storage_options)  # rank 0, through AtomicCheckpointIO
+            super().save_checkpoint(
+                checkpoint, filepath, storage_options
+            )  # rank 0, through AtomicCheckpointIO
             return
         path = Path(self.broadcast(filepath))
         partial = path.with_name(f".{path.name}.partial")

@@ -3,6 +3,7 @@ world size), export it to the official layout; and a SIGTERM-killed run that res
 
 from __future__ import annotations
 
+import csv
 import signal
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def test_sharded_checkpoint_resumes_at_the_right_step(fsdp_run: dict) -> None:
     assert meta["lr_schedulers"][0]["last_epoch"] == 4
     # No half-written leftovers from the atomic save.
     assert not list(fsdp_run["ckpts"].glob(".*"))
+    # The Throughput callback logged from the FSDP run (CSV logger of the run directory).
+    rows = [r for f in (fsdp_run["tmp"] / "runs").rglob("metrics.csv") for r in csv.DictReader(f.open())]
+    rates = [float(r["throughput/images_per_sec"]) for r in rows if r.get("throughput/images_per_sec")]
+    assert rates and all(rate > 0 for rate in rates)
 
 
 def test_export_of_sharded_checkpoint_matches_single_process_layout(fsdp_run: dict, tmp_path: Path) -> None:
@@ -141,3 +146,35 @@ def test_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
     meta = checkpoint_meta(ckpts / "last.ckpt")
     assert meta["global_step"] == stopped_at + 2
     assert meta["lr_schedulers"][0]["last_epoch"] == stopped_at + 2
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_a_write_fails(tmp_path: Path, monkeypatch) -> None:
+    from samlight import checkpoint_io
+    from samlight.checkpoint_io import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, path)
+
+    def crash(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"global_step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_sharded_swap_replaces_a_directory(tmp_path: Path) -> None:
+    from samlight.strategy import _swap_in
+
+    target, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
+    target.mkdir()
+    (target / "old").write_text("1")
+    new.mkdir()
+    (new / "fresh").write_text("2")
+    _swap_in(new, target)
+    assert [p.name for p in target.iterdir()] == ["fresh"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
