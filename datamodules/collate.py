@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from samlight.datamodules.batch import SegmentationBatch
 from torch import Tensor
+
+from samlight.datamodules.batch import SegmentationBatch
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pycocotools import mask as mask_utils
+
 from samlight.datamodules.convert import ConvertSummary, open_writer, progress
 from samlight.datamodules.convert_folder import SkipInput, read_image, unique_key
 from samlight.datamodules.decode import rle_counts

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from samlight.datamodules.convert import ConvertSummary, open_writer, progress
 from samlight.datamodules.shards import annotations_from_masks
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from samlight.datamodules.collate import SegmentationSample
 
+from samlight.datamodules.collate import SegmentationSample
 from samlight.transforms import PIXEL_MEAN, PIXEL_STD, get_preprocess_shape
 
 try:  # optional `fast` extra: libjpeg-turbo with DCT scaling, ~1.5x faster than Pillow

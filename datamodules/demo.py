@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
 
 DEMO_VERSION = "demo-v1"

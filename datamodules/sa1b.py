@@ -11,6 +11,7 @@ from collections import Counter
 
 import torch
 from lightning.pytorch import LightningDataModule
+
 from samlight.datamodules.collate import collate_samples
 from samlight.datamodules.sa1b_stream import SA1BDataset, SA1BLoader
 from samlight.datamodules.urls import expand_urls

@@ -17,10 +17,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from samlight.datamodules.collate import SegmentationSample, SkipReport, merge_counts
 from samlight.datamodules.decode import SampleError, decode_sa1b_sample
 from samlight.datamodules.sa1b_reader import RawSample, SkipCounter, iter_shard
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 CLIP_EXTENSION = "clip.npy"
 

@@ -111,6 +111,12 @@ def variant_config(variant: str, **overrides) -> SamConfig:
     cfg = dataclasses.replace(VARIANTS[variant](), **overrides)
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size={cfg.image_size} must be a multiple of the patch size {cfg.patch_size}")
+    if cfg.patch_size != 16:
+        # The decoder upsamples the embedding grid 4x, and every mask frame in samlight (mask_inputs, fed-back
+        # logits, loss targets) is S/4 as in SAM: that holds only for 16-pixel patches.
+        raise ValueError(
+            f"build_sam({variant!r}): patch_size={cfg.patch_size} is not supported; SAM's S/4 mask frame needs 16"
+        )
     return cfg
 
 

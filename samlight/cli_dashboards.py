@@ -58,6 +58,8 @@ class DashboardsCLIMixin:
         trainer = config.get("trainer")
         if trainer is not None:
             _default_logger(trainer, getattr(self, "_config_files", []))
+            if config.get("ckpt_path") == "last":
+                _resume_latest_version(trainer)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
         if config.get("logger") is False:
@@ -123,3 +125,30 @@ def _default_logger(trainer: Any, config_files: Sequence[str]) -> None:
         init_args = logger.get("init_args")
         if init_args is not None and not init_args.get("save_dir"):
             init_args["save_dir"] = root
+
+
+def _resume_latest_version(trainer: Any) -> None:
+    """`--ckpt_path last`: continue in the newest `version_k` that holds checkpoints, not a fresh empty one.
+
+    Lightning looks for `last` in the checkpoint directory of the *current* logger version; a CSV or TensorBoard
+    logger without an explicit version would start `version_{k+1}` and resume nothing. Runs with an explicit
+    logger version (or W&B run id) are left alone.
+    """
+    logger = trainer.get("logger")
+    class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+    if not class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+        return
+    init_args = logger.get("init_args")
+    if init_args is None or init_args.get("version") is not None:
+        return
+    root = Path(init_args.get("save_dir") or trainer.get("default_root_dir") or DEFAULT_ROOT_DIR)
+    name = init_args.get("name") or "lightning_logs"
+    candidates = [
+        d
+        for d in (root / name).glob("version_*")
+        if d.name[8:].isdigit() and any((d / "checkpoints").glob("*"))
+    ]
+    if candidates:
+        latest = max(candidates, key=lambda d: int(d.name[8:]))
+        init_args["version"] = int(latest.name[8:])
+        print(f"samlight: --ckpt_path last resumes in {latest}")

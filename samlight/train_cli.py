@@ -39,11 +39,13 @@ def run_cli(args: Sequence[str] | None = None) -> SamlightCLI:
     if _wants_default_config(args):
         print(f"samlight: no --config given, using the built-in quickstart ({default_config_path()})")
         args[1:1] = ["--config", default_config_path()]
+    # Hand LightningCLI `None` when the arguments are exactly the command line: it warns when given both.
+    cli_args = None if args == sys.argv[1:] else args
     return SamlightCLI(
         SamModule,
         LightningDataModule,
         subclass_mode_data=True,
-        args=args,
+        args=cli_args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"},
     )

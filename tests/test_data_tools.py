@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
-from samlight.datamodules.convert import ConvertSummary
-from samlight.datamodules.decode import decode_masks, decode_sa1b_sample
-from samlight.datamodules.shards import SA1BShardWriter, encode_jpeg
 from scipy import ndimage
 
 from samlight.cli import main as samlight_main
+from samlight.datamodules.convert import ConvertSummary
+from samlight.datamodules.decode import decode_masks, decode_sa1b_sample
+from samlight.datamodules.shards import SA1BShardWriter, encode_jpeg
 from samlight.transforms import get_preprocess_shape
 
 

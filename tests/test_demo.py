@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
 from samlight.datamodules import SA1BDataModule, make_demo_shards
 from samlight.datamodules.decode import decode_image
 

@@ -224,3 +224,9 @@ def test_bf16_autocast_train_step(tiny_sam):
     (logits.float().mean() + iou.float().mean()).backward()
     grad = tiny_sam.image_encoder.patch_embed.proj.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_patch_size_other_than_16_is_refused():
+    """Every mask frame is S/4 (mask_inputs, feedback, loss), which only a 16-pixel patch grid gives."""
+    with pytest.raises(ValueError, match="patch_size=8"):
+        variant_config("tiny", patch_size=8)

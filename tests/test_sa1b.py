@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
+
 from samlight.datamodules import SA1BDataModule, SegmentationBatch
 from samlight.datamodules.decode import (
     SampleError,
@@ -29,7 +30,6 @@ from samlight.datamodules.sa1b_reader import SkipCounter, iter_shard
 from samlight.datamodules.sa1b_stream import SA1BDataset
 from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks, encode_jpeg, encode_rle
 from samlight.datamodules.urls import expand_urls
-
 from samlight.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,

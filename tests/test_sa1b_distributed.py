@@ -8,11 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
+
 from samlight.datamodules import SA1BDataModule
 from samlight.datamodules.collate import collate_samples
 from samlight.datamodules.sa1b_stream import SA1BDataset, SA1BLoader
 from samlight.datamodules.shards import SA1BShardWriter
-from torch.utils.data import DataLoader
 
 RANKS, WORKERS = 2, 2
 
