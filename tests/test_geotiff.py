@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +9,12 @@ import pytest
 
 rasterio = pytest.importorskip("rasterio")
 wds = pytest.importorskip("webdataset")
-from PIL import Image  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from samlight.datamodules.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
+from tests._shards import read_shards, stream_datamodule  # noqa: E402
 
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
 
@@ -51,38 +48,6 @@ def write_raster(path: Path, data: np.ndarray, *, crs="EPSG:32633", transform=TR
     ) as dst:
         dst.write(data)
     return path
-
-
-def read_shards(folder: Path) -> dict[str, dict]:
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
-    samples = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        record = json.loads(sample["json"])
-        rles = [a["segmentation"] for a in record["annotations"]]
-        masks = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
-        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])))
-        samples[sample["__key__"]] = {"json": record, "masks": masks, "image": image}
-    return samples
-
-
-def stream_datamodule(folder: Path, image_size: int) -> dict[str, dict]:
-    """key -> {"masks": n x S x S bool, "labels": [...], "info": {...}}: what training sees, via SA1BDataModule."""
-    from samlight.datamodules.sa1b import SA1BDataModule
-
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
-    dm = SA1BDataModule(train_urls=None, val_urls=urls, batch_size=2, num_workers=0, image_size=image_size)
-    dm.setup("validate")
-    seen = {}
-    for batch in dm.val_dataloader():
-        for i, meta in enumerate(batch.meta):
-            assert meta["key"] not in seen, f"{meta['key']} streamed twice"
-            valid = batch.mask_valid[i]
-            seen[meta["key"]] = {
-                "masks": batch.masks[i][valid].numpy(),
-                "labels": meta["mask_labels"],
-                "info": meta["image_info"],
-            }
-    return seen
 
 
 def convert(tmp_path: Path, *extra: str, scene="scene.tif", labels="labels.tif", out="shards") -> int:
