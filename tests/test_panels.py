@@ -22,6 +22,7 @@ from samlight.callbacks.panel_render import (
 )
 from samlight.interaction import InteractionTrace
 from samlight.prompts.types import Prompts
+from tests._quickstart import SHORT_RUN, own_demo_shards
 
 S = 64
 
@@ -132,31 +133,6 @@ def test_panel_png_has_three_tiles(tmp_path: Path) -> None:
     assert png.size[0] == 3 * 48 + 2 * 4 and png.size[1] > S
 
 
-SHORT_RUN = [
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.num_sanity_val_steps=0",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--data.init_args.batch_size=2",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.max_masks=4",
-    "--panels.num_images=2",
-    "--panels.num_clicks=2",
-    "--panels.max_masks_per_image=3",
-]
-
-
-def _own_demo_shards(tmp_path: Path) -> list[str]:
-    """A small demo set of this test's own (not the shared ~/.cache one, which other tests may be writing)."""
-    from samlight.datamodules.demo import make_demo_shards
-
-    train, val = make_demo_shards(tmp_path / "demo", num_train=8, num_val=4, samples_per_shard=4)
-    return [f"--data.init_args.train_urls={'::'.join(train)}", f"--data.init_args.val_urls={'::'.join(val)}"]
-
-
 @pytest.mark.slow
 def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monkeypatch, caplog) -> None:
     """Without W&B: PNG panels, config.yaml and checkpoints in one `runs/<config name>/version_0` directory."""
@@ -175,7 +151,7 @@ def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monke
                 default_config_path(),
                 *SHORT_RUN,
                 "--panels.every_n_steps=1",  # also during training: the first training batch stands in
-                *_own_demo_shards(tmp_path),
+                *own_demo_shards(tmp_path),
                 f"--trainer.default_root_dir={tmp_path / 'runs'}",
             ]
         )
