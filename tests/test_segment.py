@@ -224,6 +224,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def segment_args(ckpt: Path, source: Path, prompts: Path, out: Path) -> list[str]:
+    """`samlight segment` arguments for the tiny test model on CPU."""
+    return [
+        "segment", "--ckpt", str(ckpt), "--variant", "tiny", "--device", "cpu",
+        "--input", str(source), "--prompts", str(prompts), "--out", str(out),
+    ]  # fmt: skip
+
+
 def test_cli_volume_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint):
     path = write_volume(tmp_path)
     prompts = tmp_path / "prompts.json"
@@ -237,21 +245,7 @@ def test_cli_volume_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint):
         )
     )
     out = tmp_path / "pred.nii.gz"
-    args = [
-        "segment",
-        "--ckpt",
-        str(tiny_checkpoint),
-        "--variant",
-        "tiny",
-        "--device",
-        "cpu",
-        "--input",
-        str(path),
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(out),
-    ]
+    args = segment_args(tiny_checkpoint, path, prompts, out)
     assert samlight_main(args) == 0
     image, pred = nib.load(path), nib.load(out)
     np.testing.assert_array_equal(pred.affine, image.affine)
@@ -279,25 +273,7 @@ def test_cli_scene_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, capsys)
     }
     (tmp_path / "p.geojson").write_text(json.dumps(geojson))
     out = tmp_path / "mask.tif"
-    args = [
-        "segment",
-        "--ckpt",
-        str(tiny_checkpoint),
-        "--variant",
-        "tiny",
-        "--device",
-        "cpu",
-        "--input",
-        str(path),
-        "--prompts",
-        str(tmp_path / "p.geojson"),
-        "--out",
-        str(out),
-        "--tile-size",
-        "128",
-        "--overlap",
-        "32",
-    ]
+    args = segment_args(tiny_checkpoint, path, tmp_path / "p.geojson", out)
     assert samlight_main(args) == 0
     with rasterio.open(path) as src, rasterio.open(out) as dst:
         assert dst.crs == src.crs and dst.transform == src.transform
