@@ -36,11 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from samlight.datamodules.convert import ConvertSummary  # noqa: E402
 from samlight.datamodules.decode import decode_sa1b_sample  # noqa: E402
-from samlight.datamodules.prepare import iter_samples, prepare_shard  # noqa: E402
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_rles  # noqa: E402
-from samlight.transforms import PIXEL_MEAN, PIXEL_STD, get_preprocess_shape  # noqa: E402
+from samlight.datamodules.tools.convert import ConvertSummary  # noqa: E402
+from samlight.datamodules.tools.prepare import iter_samples, prepare_shard  # noqa: E402
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_rles  # noqa: E402
+from samlight.modeling.transforms import PIXEL_MEAN, PIXEL_STD, get_preprocess_shape  # noqa: E402
 
 MEAN = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
 STD = torch.tensor(PIXEL_STD).view(3, 1, 1)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from samlight.datamodules.batch import SegmentationBatch
-from samlight.loss import SamLoss
-from samlight.module import SamModule
 from samlight.prompts import CorrectiveClicks, PointPrompt
+from samlight.training.loss import SamLoss
+from samlight.training.module import SamModule
 
 # variant -> (images, masks per image, corrective clicks, mask-only rounds)
 SETTINGS = {"tiny": (4, 16, 8, 2), "vit_b": (1, 8, 2, 0)}

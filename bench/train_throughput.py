@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from samlight.callbacks.throughput import Throughput
 from samlight.datamodules.batch import SegmentationBatch
-from samlight.module import SamModule
 from samlight.prompts.clicks import CorrectiveClicks
+from samlight.training.module import SamModule
 
 
 class SyntheticBatches(IterableDataset):
@@ -55,9 +55,9 @@ def measure(args: argparse.Namespace, *, activation_checkpointing: bool) -> dict
     # timm's per-block checkpointing: the same switch as fsdp_options.activation_checkpointing under FSDP.
     overrides = {"grad_checkpointing": activation_checkpointing}
     module = SamModule(variant=args.variant, model_overrides=overrides, clicks=clicks)
-    strategy = {"fsdp": "samlight.strategy.FSDP2Strategy", "ddp": "ddp"}.get(args.strategy, "auto")
-    if strategy == "samlight.strategy.FSDP2Strategy":
-        from samlight.strategy import FSDP2Strategy
+    strategy = {"fsdp": "samlight.scale.strategy.FSDP2Strategy", "ddp": "ddp"}.get(args.strategy, "auto")
+    if strategy == "samlight.scale.strategy.FSDP2Strategy":
+        from samlight.scale.strategy import FSDP2Strategy
 
         strategy = FSDP2Strategy(save_distributed_checkpoint=True)
     throughput = Throughput(log_every_n_steps=args.steps - args.warmup)

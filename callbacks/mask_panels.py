@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from samlight.callbacks.panel_render import Panel, denormalize, panel_png, panels_from_trace
 from samlight.datamodules.batch import SegmentationBatch
-from samlight.run_layout import run_dir
+from samlight.training.run_layout import run_dir
 
 
 class MaskPanels(Callback):

@@ -13,9 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from samlight.modeling.transforms import PIXEL_MEAN, PIXEL_STD
+
 # SAM's pixel normalisation (on 0-255), as in SamPredictor and the datamodules.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 FOREGROUND_CLICK = (0, 230, 0)
 BACKGROUND_CLICK = (235, 0, 0)

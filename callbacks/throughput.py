@@ -9,7 +9,7 @@ device once, so the window's wall time includes all queued GPU work, and logs:
     throughput/masks_per_sec       valid (non-padding) masks, all ranks
     throughput/data_wait_fraction  share of the window spent outside the train-batch hooks on this rank (fetching
                                    and transferring the next batch, plus Lightning's per-step bookkeeping)
-    throughput/tflops_per_device   model FLOPs (samlight.flops) per second per device
+    throughput/tflops_per_device   model FLOPs (samlight.training.flops) per second per device
     throughput/mfu                 tflops_per_device / the device's peak dense bf16 FLOPS (only on known GPUs)
     throughput/peak_memory_gib     CUDA peak allocated memory (on CPU: throughput/peak_rss_gib, the process's RSS)
 
@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from samlight.flops import SamFlops, count_sam_flops, count_variant_flops, peak_bf16_flops
+from samlight.training.flops import SamFlops, count_sam_flops, count_variant_flops, peak_bf16_flops
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Throughput(Callback):
         log_every_n_steps: window length in steps; None = the trainer's `log_every_n_steps`.
         rounds: decoder rounds per training step; None = read from `pl_module.clicks`
             (1 + num_clicks + mask_only_rounds, 11 with the paper's recipe).
-        peak_flops: peak FLOP/s of one device for MFU; None = look the device up in `samlight.flops.PEAK_BF16_FLOPS`
+        peak_flops: peak FLOP/s of one device for MFU; None = look the device up in `samlight.training.flops.PEAK_BF16_FLOPS`
             (MFU is then not logged on CPUs and unknown GPUs).
     """
 

@@ -2,7 +2,7 @@
 
 This is the data workers' hot path, also used by `bench/data_throughput.py`:
 - the JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) when the model input needs fewer pixels, then resized
-  to exactly `get_preprocess_shape` with PIL bilinear, as `samlight.transforms.resize_longest_image` does;
+  to exactly `get_preprocess_shape` with PIL bilinear, as `samlight.modeling.transforms.resize_longest_image` does;
 - masks covering more than `max_mask_area` of the image are dropped using the json `area` (no decode);
 - only the sampled masks are decoded, straight from their run lengths at the nearest-neighbour sample positions of
   the resized frame (identical to a full pycocotools decode followed by `F.interpolate(mode="nearest-exact")`),
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from samlight.datamodules.collate import SegmentationSample
-from samlight.transforms import PIXEL_MEAN, PIXEL_STD, get_preprocess_shape
+from samlight.modeling.transforms import PIXEL_MEAN, PIXEL_STD, get_preprocess_shape
 
 try:  # optional `fast` extra: libjpeg-turbo with DCT scaling, ~1.5x faster than Pillow
     import simplejpeg
@@ -51,7 +51,7 @@ def decode_image(data: bytes, long_side: int, *, reduced: bool = True) -> tuple[
     With `reduced`, decodes at the smallest DCT scale (1/2, 1/4, 1/8) that is still at least the target size,
     then resizes with PIL bilinear. The DCT scaling acts as an extra box filter, so pixels differ slightly from a
     full decode (mean |diff| about 2/255 for 1500 x 2250 -> 1024, more for larger reductions); `reduced=False`
-    decodes in full and matches `samlight.transforms.resize_longest_image` (SamPredictor) exactly.
+    decodes in full and matches `samlight.modeling.transforms.resize_longest_image` (SamPredictor) exactly.
 
     Args:
         data: JPEG (or any Pillow-readable) bytes.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks
 
 DEMO_VERSION = "demo-v1"
 SHAPE_LABELS = {"ellipse": 1, "rectangle": 2, "polygon": 3}

@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samlight.modeling.transforms import PIXEL_MEAN, PIXEL_STD
 from samlight.prompts.base import PromptContext, PromptType
 from samlight.prompts.box import boxes_from_masks
 from samlight.prompts.types import Prompts
 
 # SAM's pixel normalisation (on 0-255), needed to turn batch images back into pixels for CLIP.
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class TextPrompt(PromptType):
@@ -143,8 +142,8 @@ class TextPrompt(PromptType):
         center = (boxes[:, :2] + boxes[:, 2:]) / 2  # N x 2
         half = (boxes[:, 2:] - boxes[:, :2] + 1) * scale / 2  # N x 2
         boxes = torch.cat([center - half, center + half], dim=1)  # N x 4
-        mean = torch.tensor(SAM_PIXEL_MEAN, device=device)[:, None, None]
-        std = torch.tensor(SAM_PIXEL_STD, device=device)[:, None, None]
+        mean = torch.tensor(PIXEL_MEAN, device=device)[:, None, None]
+        std = torch.tensor(PIXEL_STD, device=device)[:, None, None]
         pixels = (images.float() * std + mean) / 255.0  # B x 3 x S x S in [0, 1]
         crops = roi_align(pixels, torch.cat([image_index[:, None].float(), boxes], 1), size, aligned=True)
         mask_rois = torch.cat([torch.arange(n, device=device)[:, None].float(), boxes], 1)

@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 # and optional heavy parts load only when used.
 _EXPORTS = {
     "Sam": "samlight.modeling.sam",
-    "build_sam": "samlight.build",
-    "save_official": "samlight.checkpoint",
-    "load_state_dict": "samlight.checkpoint",
-    "SamPredictor": "samlight.predictor",
-    "SamModule": "samlight.module",
-    "SamLoss": "samlight.loss",
+    "build_sam": "samlight.modeling.build",
+    "save_official": "samlight.modeling.checkpoint",
+    "load_state_dict": "samlight.modeling.checkpoint",
+    "SamPredictor": "samlight.inference.predictor",
+    "SamModule": "samlight.training.module",
+    "SamLoss": "samlight.training.loss",
 }
 
 __all__ = sorted(_EXPORTS)

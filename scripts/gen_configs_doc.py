@@ -32,8 +32,8 @@ def fit_parser() -> Any:
     """The `samlight fit` parser (built exactly as the CLI builds it, nothing parsed)."""
     from lightning.pytorch import LightningDataModule
 
-    from samlight.module import SamModule
-    from samlight.train_cli import SamlightCLI
+    from samlight.cli.train import SamlightCLI
+    from samlight.training.module import SamModule
 
     class Capture(SamlightCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -187,7 +187,7 @@ def render() -> str:
     parser = fit_parser()
     helps = {a.dest: a.help for a in parser._actions if a.dest and isinstance(a.help, str)}
     # Docstring entries naming several arguments ("a, b, c: ...") are not matched by jsonargparse.
-    for arg, text in _class_docs("samlight.module.SamModule").items():
+    for arg, text in _class_docs("samlight.training.module.SamModule").items():
         if not helps.get(f"model.{arg}"):
             helps[f"model.{arg}"] = text
     out = [
@@ -205,7 +205,7 @@ def render() -> str:
     out += [
         "## Sections every run has",
         "",
-        "Present whatever configs are merged (samlight/cli_dashboards.py); set them in any config or on the command",
+        "Present whatever configs are merged (samlight/cli/dashboards.py); set them in any config or on the command",
         "line, e.g. `--panels.num_images=0` to switch the mask panels off.",
         "",
     ]

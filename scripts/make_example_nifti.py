@@ -49,7 +49,7 @@ def main() -> None:
 
     import nibabel as nib
 
-    from samlight.datamodules.volumes import canonical, slice_plane
+    from samlight.datamodules.tools.volumes import canonical, slice_plane
 
     rng = np.random.default_rng(0)
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-stored: x and y flipped against RAS

@@ -8,6 +8,6 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" --node-rank="$NODE_RANK" \
-  --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m samlight.cli fit \
+  --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m samlight.cli.main fit \
   "$@" --config "$here/configs/fsdp.yaml" \
   --trainer.devices="$GPUS_PER_NODE" --trainer.num_nodes="$NNODES" --ckpt_path=last

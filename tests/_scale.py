@@ -77,7 +77,7 @@ def samlight(
     args: list[str], *, environ: dict[str, str], timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """Run the `samlight` CLI in a subprocess (Lightning re-launches it for extra local ranks)."""
-    cmd = [sys.executable, "-m", "samlight.cli", *args]
+    cmd = [sys.executable, "-m", "samlight.cli.main", *args]
     return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout)
 
 

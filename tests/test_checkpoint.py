@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from samlight import build_sam, load_state_dict, save_official
-from samlight.checkpoint import infer_variant, save_state_dict
-from samlight.export import main as export_main
+from samlight.cli.export import main as export_main
+from samlight.modeling.checkpoint import infer_variant, save_state_dict
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -137,9 +137,9 @@ def test_directory_uses_distributed_checkpoint(tiny_sam, tmp_path, monkeypatch):
         calls.append(path)
         return _lightning_ckpt(tiny_sam)
 
-    fake = types.ModuleType("samlight.distributed_checkpoint")
+    fake = types.ModuleType("samlight.modeling.sharded_checkpoint")
     fake.load_full_state_dict = load_full_state_dict
-    monkeypatch.setitem(sys.modules, "samlight.distributed_checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "samlight.modeling.sharded_checkpoint", fake)
     (tmp_path / "run.ckpt").mkdir()
     _assert_same_weights(build_sam("tiny", checkpoint=tmp_path / "run.ckpt"), tiny_sam)
     assert calls == [tmp_path / "run.ckpt"]
@@ -148,7 +148,7 @@ def test_directory_uses_distributed_checkpoint(tiny_sam, tmp_path, monkeypatch):
 def test_url_downloads_once_into_cache(tiny_sam, tmp_path, monkeypatch):
     import torch.hub
 
-    import samlight.checkpoint as ckpt
+    import samlight.modeling.checkpoint as ckpt
 
     downloads = []
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samlight.train_cli import run_cli
+from samlight.cli.train import run_cli
 
 
 def _config(tmp_path: Path, **sections) -> str:
@@ -113,8 +113,8 @@ def _fit_parser():
     """The real `samlight fit` parser, captured before anything is parsed."""
     from lightning.pytorch import LightningDataModule
 
-    from samlight.module import SamModule
-    from samlight.train_cli import SamlightCLI
+    from samlight.cli.train import SamlightCLI
+    from samlight.training.module import SamModule
 
     class Capture(SamlightCLI):
         def parse_arguments(self, parser, args):
@@ -127,7 +127,7 @@ def _fit_parser():
 
 def test_every_shipped_config_passes_the_check() -> None:
     """No false alarms: each shipped config (add-ons merged after the quickstart) has only valid keys."""
-    from samlight.config_check import find_unknown_keys
+    from samlight.cli.config_check import find_unknown_keys
 
     parser = _fit_parser()
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

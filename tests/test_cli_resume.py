@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jsonargparse import Namespace
 
-from samlight.cli_dashboards import _resume_latest_version
+from samlight.cli.dashboards import _resume_latest_version
 
 
 def _trainer_config(root, version=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samlight.cli import main
+from samlight.cli.main import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"

@@ -14,7 +14,7 @@ from torch import nn
 from samlight.callbacks.data_health import DataHealth
 from samlight.callbacks.parameter_summary import parameter_counts
 from samlight.callbacks.progress import SamlightProgressBar
-from samlight.run_layout import run_dir
+from samlight.training.run_layout import run_dir
 
 
 class _CountingData(BoringDataModule):
@@ -97,8 +97,8 @@ def test_cli_adds_dashboard_callbacks_once(tmp_path: Path, monkeypatch) -> None:
     from samlight.callbacks.data_health import DataHealth
     from samlight.callbacks.mask_panels import MaskPanels
     from samlight.callbacks.parameter_summary import ParameterSummary
-    from samlight.module import SamModule
-    from samlight.train_cli import SamlightCLI, default_config_path
+    from samlight.cli.train import SamlightCLI, default_config_path
+    from samlight.training.module import SamModule
 
     monkeypatch.setattr(sys, "argv", ["samlight"])
     args = [

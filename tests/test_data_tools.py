@@ -16,11 +16,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from samlight.cli import main as samlight_main
-from samlight.datamodules.convert import ConvertSummary
+from samlight.cli.main import main as samlight_main
 from samlight.datamodules.decode import decode_masks, decode_sa1b_sample
-from samlight.datamodules.shards import SA1BShardWriter, encode_jpeg
-from samlight.transforms import get_preprocess_shape
+from samlight.datamodules.tools.convert import ConvertSummary
+from samlight.datamodules.tools.shards import SA1BShardWriter, encode_jpeg
+from samlight.modeling.transforms import get_preprocess_shape
 
 
 def read_shards(folder: Path) -> dict[str, tuple[np.ndarray, dict]]:
@@ -141,7 +141,7 @@ def test_convert_folder_binary_per_object_and_components(tmp_path: Path) -> None
 def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path, caplog) -> None:
     from argparse import Namespace
 
-    from samlight.datamodules import convert_folder
+    from samlight.datamodules.tools import convert_folder
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()

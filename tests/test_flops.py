@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from samlight import build_sam
-from samlight.flops import (
+from samlight.training.flops import (
     SamFlops,
     count_sam_flops,
     count_variant_flops,

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from samlight.distributed import _mixed_precision
-from samlight.strategy import hybrid_mesh_shape
+from samlight.scale.fsdp import _mixed_precision
+from samlight.scale.strategy import hybrid_mesh_shape
 from tests._scale import free_port
 
 WORLD = 2
@@ -70,7 +70,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from samlight import build_sam
-    from samlight.distributed import apply_fsdp
+    from samlight.scale.fsdp import apply_fsdp
 
     results = {}
     for name, shape, kwargs in (

@@ -12,8 +12,8 @@ wds = pytest.importorskip("webdataset")
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
-from samlight.datamodules.convert import main as convert_main  # noqa: E402
-from samlight.datamodules.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
+from samlight.datamodules.tools.convert import main as convert_main  # noqa: E402
+from samlight.datamodules.tools.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
 from tests._shards import read_shards, stream_datamodule  # noqa: E402
 
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
@@ -179,7 +179,7 @@ def test_finetune_satellite_config_builds_lora(capsys):
     import yaml
 
     from samlight import SamModule
-    from samlight.cli import main
+    from samlight.cli.main import main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "finetune_satellite.yaml"
     with pytest.raises(SystemExit):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from samlight.loss import SamLoss
+from samlight.training.loss import SamLoss
 
 
 def _sigmoid(x: float) -> float:

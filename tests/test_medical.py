@@ -11,8 +11,8 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 wds = pytest.importorskip("webdataset")
 
-from samlight.datamodules.convert import main as convert_main  # noqa: E402
-from samlight.datamodules.volumes import (  # noqa: E402
+from samlight.datamodules.tools.convert import main as convert_main  # noqa: E402
+from samlight.datamodules.tools.volumes import (  # noqa: E402
     Intensity,
     intensity_range,
     parse_window,
@@ -287,7 +287,7 @@ def test_finetune_medical_config(capsys):
     paper's loss in bf16."""
     import yaml
 
-    from samlight.cli import main
+    from samlight.cli.main import main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "finetune_medical.yaml"
     with pytest.raises(SystemExit):

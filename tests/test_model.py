@@ -10,8 +10,8 @@ import torch
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 from samlight import build_sam
-from samlight.build import variant_config
-from samlight.modeling.image_encoder import official_to_timm, timm_to_official
+from samlight.modeling.build import variant_config
+from samlight.modeling.weight_names import official_to_timm, timm_to_official
 from samlight.prompts.types import Prompts
 
 S = 256  # tiny input side

@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader
 
 from samlight import build_sam, save_official
 from samlight.datamodules.batch import SegmentationBatch
-from samlight.module import SamModule
-from samlight.optim import warmup_step_lambda
 from samlight.prompts import BoxPrompt, CorrectiveClicks, PointPrompt, Prompts, PromptType
+from samlight.training.module import SamModule
+from samlight.training.optim import warmup_step_lambda
 
 S = 128
 SMALL = {"image_size": S}

@@ -20,7 +20,7 @@ def _torchrun(node_rank: int, port: int, config: Path, environ: dict[str, str]) 
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node_rank}",
         "--master-addr=127.0.0.1", f"--master-port={port}",
-        "-m", "samlight.cli", "fit",
+        "-m", "samlight.cli.main", "fit",
         "--config", str(QUICKSTART), "--config", str(FSDP), "--config", str(config),
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=2",
         "--trainer.precision=32-true", "--config", str(config.with_name("hybrid.yaml")),

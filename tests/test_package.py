@@ -60,4 +60,4 @@ def test_wheel_installs_plugin_namespaces(tmp_path):
             file,
         )  # the wheel, not the checkout
     assert {"box", "mask", "point", "text"} <= set(info["eps"])
-    assert "samlight.cli:main" in info["scripts"]
+    assert "samlight.cli.main:main" in info["scripts"]

@@ -20,8 +20,8 @@ from samlight.callbacks.panel_render import (
     panel_png,
     panels_from_trace,
 )
-from samlight.interaction import InteractionTrace
 from samlight.prompts.types import Prompts
+from samlight.training.episode import InteractionTrace
 from tests._quickstart import SHORT_RUN, own_demo_shards
 
 S = 64
@@ -139,7 +139,7 @@ def test_quickstart_writes_png_panels_in_the_run_directory(tmp_path: Path, monke
     import logging
     import sys
 
-    from samlight.train_cli import default_config_path, run_cli
+    from samlight.cli.train import default_config_path, run_cli
 
     monkeypatch.setattr(sys, "argv", ["samlight"])
     monkeypatch.chdir(tmp_path)

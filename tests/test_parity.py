@@ -14,7 +14,7 @@ from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything import sam_model_registry
 
 from samlight import SamPredictor, build_sam, save_official
-from samlight.checkpoint import save_state_dict
+from samlight.modeling.checkpoint import save_state_dict
 
 pytestmark = pytest.mark.slow
 

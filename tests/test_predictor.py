@@ -8,8 +8,13 @@ import segment_anything
 import torch
 
 from samlight import SamPredictor
+from samlight.modeling.transforms import (
+    apply_coords,
+    get_preprocess_shape,
+    normalize_and_pad,
+    resize_longest_image,
+)
 from samlight.prompts.types import Prompts
-from samlight.transforms import apply_coords, get_preprocess_shape, normalize_and_pad, resize_longest_image
 
 H, W = 150, 200  # a non-square image smaller than the tiny input (256)
 

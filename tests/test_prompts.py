@@ -156,8 +156,8 @@ def test_registry_names_and_unknown_name():
 @pytest.mark.filterwarnings("ignore:TextPrompt", "ignore:.*self.trainer")
 def test_text_prompt_trains_the_text_projection():
     from samlight.datamodules.batch import SegmentationBatch
-    from samlight.module import SamModule
     from samlight.prompts import CorrectiveClicks
+    from samlight.training.module import SamModule
 
     module = SamModule(
         variant="tiny",

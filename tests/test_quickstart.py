@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from samlight.cli import main
+from samlight.cli.main import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from samlight import build_sam, save_official
-from samlight.distributed_checkpoint import load_full_state_dict
+from samlight.modeling.sharded_checkpoint import load_full_state_dict
 from tests._scale import FSDP, QUICKSTART, check, checkpoint_meta, env, free_port, samlight, tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_sharded_checkpoint_resumes_at_the_right_step(fsdp_run: dict) -> None:
 def test_export_of_sharded_checkpoint_matches_single_process_layout(fsdp_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "sam_tiny.pth"
     result = subprocess.run(
-        [sys.executable, "-m", "samlight.cli", "export", "--ckpt", str(fsdp_run["ckpts"] / "last.ckpt"), "--out", str(out)],
+        [sys.executable, "-m", "samlight.cli.main", "export", "--ckpt", str(fsdp_run["ckpts"] / "last.ckpt"), "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     check(result)
@@ -116,7 +116,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "samlight.cli",
+        "samlight.cli.main",
         "fit",
         "--config",
         str(QUICKSTART),
@@ -149,8 +149,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
 
 
 def test_atomic_save_keeps_the_old_checkpoint_when_a_write_fails(tmp_path: Path, monkeypatch) -> None:
-    from samlight import checkpoint_io
-    from samlight.checkpoint_io import AtomicCheckpointIO
+    from samlight.scale import checkpoint_io
+    from samlight.scale.checkpoint_io import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -168,7 +168,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_a_write_fails(tmp_path: Path,
 
 
 def test_sharded_swap_replaces_a_directory(tmp_path: Path) -> None:
-    from samlight.strategy import _swap_in
+    from samlight.scale.strategy import _swap_in
 
     target, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
     target.mkdir()

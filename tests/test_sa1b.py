@@ -28,9 +28,9 @@ from samlight.datamodules.decode import (
 )
 from samlight.datamodules.sa1b_reader import SkipCounter, iter_shard
 from samlight.datamodules.sa1b_stream import SA1BDataset
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks, encode_jpeg, encode_rle
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks, encode_jpeg, encode_rle
 from samlight.datamodules.urls import expand_urls
-from samlight.transforms import (
+from samlight.modeling.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
     get_preprocess_shape,

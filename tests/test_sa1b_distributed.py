@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from samlight.datamodules import SA1BDataModule
 from samlight.datamodules.collate import collate_samples
 from samlight.datamodules.sa1b_stream import SA1BDataset, SA1BLoader
-from samlight.datamodules.shards import SA1BShardWriter
+from samlight.datamodules.tools.shards import SA1BShardWriter
 
 RANKS, WORKERS = 2, 2
 

@@ -18,10 +18,10 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.transform import xy as xy_of  # noqa: E402
 from rasterio.warp import transform as warp  # noqa: E402
 
-from samlight.cli import main as samlight_main  # noqa: E402
-from samlight.datamodules.raster import Stretch  # noqa: E402
-from samlight.datamodules.volumes import Intensity  # noqa: E402
-from samlight.segment import (  # noqa: E402
+from samlight.cli.main import main as samlight_main  # noqa: E402
+from samlight.datamodules.tools.raster import Stretch  # noqa: E402
+from samlight.datamodules.tools.volumes import Intensity  # noqa: E402
+from samlight.inference.segment import (  # noqa: E402
     read_scene_prompts,
     read_volume_prompts,
     segment_scene,
@@ -194,7 +194,7 @@ def test_overlapping_objects_keep_the_more_confident(tmp_path):
             return logits * (5.0 if box[0] > 60 else 1.0), scores, None  # the second box is more confident
 
     with rasterio.open(path) as src:
-        from samlight.segment import parse_object
+        from samlight.inference.segment import parse_object
 
         objects = [
             parse_object({"box": b, "label": i + 1}, "test")

@@ -10,7 +10,7 @@ import torch
 
 from samlight import build_sam
 from samlight.callbacks.throughput import Throughput
-from samlight.flops import SamFlops
+from samlight.training.flops import SamFlops
 
 
 class _Logger:

@@ -16,7 +16,7 @@ from PIL import Image
 
 wandb = pytest.importorskip("wandb")
 
-from samlight.train_cli import default_config_path, run_cli  # noqa: E402
+from samlight.cli.train import default_config_path, run_cli  # noqa: E402
 from tests._quickstart import SHORT_RUN, own_demo_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

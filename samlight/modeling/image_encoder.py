@@ -4,41 +4,17 @@ timm names the block MLP `mlp.fc1`/`mlp.fc2`, the official checkpoints `mlp.lin1
 keys on every save and load (which breaks tools that map state-dict keys back to parameters, such as
 torch.distributed.checkpoint under FSDP2), the encoder is built with an MLP layer that uses the official names,
 so official checkpoints load with no renaming at all. The only translation left is for state dicts written by
-timm itself (e.g. timm's `samvit_*` weights); it lives in `timm_to_official` / `official_to_timm` below.
+timm itself (e.g. timm's `samvit_*` weights); it lives in `samlight.modeling.weight_names`.
 """
 
 from __future__ import annotations
 
-import re
 from functools import partial
 
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
 from samlight.modeling.common import MLPBlock
-
-# (timm pattern, official replacement) for image-encoder keys; the single place where names differ.
-_TIMM_TO_OFFICIAL = [(re.compile(r"(blocks\.\d+\.mlp\.)fc([12])\."), r"\1lin\2.")]
-_OFFICIAL_TO_TIMM = [(re.compile(r"(blocks\.\d+\.mlp\.)lin([12])\."), r"\1fc\2.")]
-
-
-def timm_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename timm `VisionTransformerSAM` keys (`blocks.N.mlp.fc1.weight`) to official ones (`...mlp.lin1...`).
-
-    Works with or without the `image_encoder.` prefix; keys that need no renaming pass through.
-    """
-    return {_rename(k, _TIMM_TO_OFFICIAL): v for k, v in state_dict.items()}
-
-
-def official_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `timm_to_official`: official image-encoder keys to timm's names."""
-    return {_rename(k, _OFFICIAL_TO_TIMM): v for k, v in state_dict.items()}
-
-
-def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
-    for pattern, replacement in rules:
-        key = pattern.sub(replacement, key)
-    return key
 
 
 def _official_mlp(

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from samlight.modeling.image_encoder import ImageEncoderViT
 from samlight.modeling.mask_decoder import MaskDecoder
 from samlight.modeling.prompt_encoder import PromptEncoder
+from samlight.modeling.transforms import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
 from samlight.prompts.types import Prompts
-from samlight.transforms import PIXEL_MEAN, PIXEL_STD, normalize_and_pad
 
 
 class Sam(nn.Module):
@@ -69,7 +69,7 @@ class Sam(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(
                 f"encode_images expects B x 3 x {self.image_size} x {self.image_size} normalised, padded images, "
-                f"got {tuple(images.shape)}; use samlight.transforms (resize_longest_image, normalize_and_pad)"
+                f"got {tuple(images.shape)}; use samlight.modeling.transforms (resize_longest_image, normalize_and_pad)"
             )
         return self.image_encoder(images)
 

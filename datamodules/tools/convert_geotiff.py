@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from samlight.datamodules.convert import MAX_NAMES_PER_REASON, ConvertSummary, open_writer, progress
-from samlight.datamodules.raster import (
+from samlight.datamodules.tools.convert import MAX_NAMES_PER_REASON, ConvertSummary, open_writer, progress
+from samlight.datamodules.tools.raster import (
     Stretch,
     parse_bands,
     require_rasterio,
@@ -27,8 +27,8 @@ from samlight.datamodules.raster import (
     tile_windows,
     valid_mask,
 )
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
-from samlight.datamodules.volumes import parse_percentile
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks
+from samlight.datamodules.tools.volumes import parse_percentile
 
 log = logging.getLogger("samlight.datamodules")
 

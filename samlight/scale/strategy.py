@@ -5,7 +5,7 @@ node) and hands the sampler only the data-parallel dimension, which suits FSDP +
 tensor parallelism: every rank sees different images. This strategy builds a ("replicate", "shard") mesh instead
 (shard inside a group of `shard_size` ranks, a node by default; replicate across groups), gives every rank its own
 data, makes sharded checkpoints atomic (written to a side directory, then swapped in) and defaults to the atomic
-file CheckpointIO for full checkpoints. `samlight.distributed.apply_fsdp` shards the model on this mesh.
+file CheckpointIO for full checkpoints. `samlight.scale.fsdp.apply_fsdp` shards the model on this mesh.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from typing_extensions import override
 
-from samlight.checkpoint_io import AtomicCheckpointIO
+from samlight.scale.checkpoint_io import AtomicCheckpointIO
 
 MESH_DIM_NAMES = ("replicate", "shard")
 

@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from samlight.datamodules.shards import SA1BShardWriter
+from samlight.datamodules.tools.shards import SA1BShardWriter
 
 log = logging.getLogger("samlight.datamodules")
 
 T = TypeVar("T")
 
 FORMATS: dict[str, str] = {
-    "folder": "samlight.datamodules.convert_folder",
-    "coco": "samlight.datamodules.convert_coco",
-    "nifti": "samlight.datamodules.convert_medical",
-    "dicom": "samlight.datamodules.convert_medical",
-    "geotiff": "samlight.datamodules.convert_geotiff",
+    "folder": "samlight.datamodules.tools.convert_folder",
+    "coco": "samlight.datamodules.tools.convert_coco",
+    "nifti": "samlight.datamodules.tools.convert_medical",
+    "dicom": "samlight.datamodules.tools.convert_medical",
+    "geotiff": "samlight.datamodules.tools.convert_geotiff",
 }
 
 # How many skipped names per reason the summary keeps (all are counted, and each is named in a log warning).

@@ -13,7 +13,7 @@ from importlib import resources
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from samlight.cli_dashboards import DashboardsCLIMixin
+from samlight.cli.dashboards import DashboardsCLIMixin
 
 
 def default_config_path() -> str:
@@ -33,7 +33,7 @@ class SamlightCLI(DashboardsCLIMixin, LightningCLI):
 
 
 def run_cli(args: Sequence[str] | None = None) -> SamlightCLI:
-    from samlight.module import SamModule
+    from samlight.training.module import SamModule
 
     args = list(sys.argv[1:] if args is None else args)
     if _wants_default_config(args):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from samlight.modeling.sam import Sam
-from samlight.transforms import apply_boxes, apply_coords, resize_longest_image
+from samlight.modeling.transforms import apply_boxes, apply_coords, resize_longest_image
 
 
 class SamPredictor:
@@ -138,7 +138,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Batched prompts already in the input frame (see `samlight.transforms.apply_coords`).
+        """Batched prompts already in the input frame (see `samlight.modeling.transforms.apply_coords`).
 
         Args:
             point_coords: B x P x 2; point_labels: B x P; boxes: B x 4; mask_input: B x 1 x 4h x 4w.

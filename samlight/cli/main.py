@@ -33,20 +33,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command in TRAIN_COMMANDS:
-        from samlight.train_cli import run_cli
+        from samlight.cli.train import run_cli
 
         run_cli(args)
         return 0
     if command == "export":
-        from samlight.export import main as export_main
+        from samlight.cli.export import main as export_main
 
         return export_main(rest)
     if command == "data":
-        from samlight.datamodules.cli import main as data_main
+        from samlight.cli.data import main as data_main
 
         return data_main(rest)
     if command == "segment":
-        from samlight.segment import main as segment_main
+        from samlight.inference.segment import main as segment_main
 
         return segment_main(rest)
     print(f"samlight: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

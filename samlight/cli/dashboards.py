@@ -15,8 +15,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelSummary, ProgressBar
 
-from samlight.config_check import find_unknown_keys, format_problems
-from samlight.run_layout import SaveRunConfig
+from samlight.cli.config_check import find_unknown_keys, format_problems
+from samlight.training.run_layout import SaveRunConfig
 
 DEFAULT_ROOT_DIR = "runs"
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samlight.datamodules.convert import ConvertSummary, open_writer, progress
-from samlight.datamodules.shards import annotations_from_masks
+from samlight.datamodules.tools.convert import ConvertSummary, open_writer, progress
+from samlight.datamodules.tools.shards import annotations_from_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")

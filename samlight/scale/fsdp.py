@@ -1,6 +1,6 @@
 """FSDP2 for SAM: which modules become sharding units, in which precision, on which device mesh.
 
-`apply_fsdp` is what `SamModule.configure_model` calls under `samlight.strategy.FSDP2Strategy` (or Lightning's
+`apply_fsdp` is what `SamModule.configure_model` calls under `samlight.scale.strategy.FSDP2Strategy` (or Lightning's
 `ModelParallelStrategy`). Units: every image-encoder block, the encoder neck, the rest of the image encoder (patch
 embedding, absolute position embedding), and the root `Sam`, which holds the prompt encoder and the mask decoder.
 A frozen image encoder is therefore always in units of its own, never mixed with trainable parameters.
@@ -120,7 +120,7 @@ def _fsdp_mesh(device_mesh: DeviceMesh, *, hybrid: bool) -> DeviceMesh:
         if device_mesh.ndim != 2:
             raise ValueError(
                 f"apply_fsdp(hybrid=True) needs a 2-D (replicate, shard) device mesh, got a {device_mesh.ndim}-D mesh "
-                f"of shape {tuple(device_mesh.shape)}. Use strategy samlight.strategy.FSDP2Strategy, which builds one "
+                f"of shape {tuple(device_mesh.shape)}. Use strategy samlight.scale.strategy.FSDP2Strategy, which builds one "
                 "(shard_size = devices per node by default), or set hybrid: false."
             )
         return device_mesh

@@ -24,13 +24,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samlight.datamodules.convert import ConvertSummary, print_summary, progress
 from samlight.datamodules.decode import SampleError, decode_masks, parse_record, rle_counts
 from samlight.datamodules.sa1b_reader import RawSample
 from samlight.datamodules.sa1b_reader import iter_shard as _iter_shard
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_rles, encode_jpeg
+from samlight.datamodules.tools.convert import ConvertSummary, print_summary, progress
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_rles, encode_jpeg
 from samlight.datamodules.urls import expand_urls as _expand_urls
-from samlight.transforms import resize_longest_image
+from samlight.modeling.transforms import resize_longest_image
 
 MAX_AREA_FRACTION = 0.9
 # Masks are decoded this many at a time: 16 masks at 1024 x 1024 are 16 MB.

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from samlight.datamodules.convert import ConvertSummary, open_writer, progress
-from samlight.datamodules.shards import SA1BShardWriter, annotations_from_masks
-from samlight.datamodules.volumes import (
+from samlight.datamodules.tools.convert import ConvertSummary, open_writer, progress
+from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks
+from samlight.datamodules.tools.volumes import (
     SLICE_AXES,
     WINDOW_PRESETS,
     Intensity,

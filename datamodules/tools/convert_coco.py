@@ -14,10 +14,10 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from samlight.datamodules.convert import ConvertSummary, open_writer, progress
-from samlight.datamodules.convert_folder import SkipInput, read_image, unique_key
 from samlight.datamodules.decode import rle_counts
-from samlight.datamodules.shards import annotations_from_rles
+from samlight.datamodules.tools.convert import ConvertSummary, open_writer, progress
+from samlight.datamodules.tools.convert_folder import SkipInput, read_image, unique_key
+from samlight.datamodules.tools.shards import annotations_from_rles
 
 
 def add_arguments(parser: argparse.ArgumentParser, fmt: str) -> None:

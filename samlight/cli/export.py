@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-from samlight.build import VARIANTS, build_sam
-from samlight.checkpoint import check_state_dict, infer_variant, load_state_dict, save_state_dict
+from samlight.modeling.build import VARIANTS, build_sam
+from samlight.modeling.checkpoint import check_state_dict, infer_variant, load_state_dict, save_state_dict
+from samlight.modeling.weight_names import has_lora, merge_lora
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,10 @@ def export(ckpt: str, out: str, variant: str | None = None) -> tuple[str, int, b
     Returns:
         (variant, number of tensors written, whether a text projection was included).
     """
-    state = _merge_lora(load_state_dict(ckpt), ckpt)
+    state = load_state_dict(ckpt)
+    if has_lora(state):
+        hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+        state = merge_lora(state, **(hparams.get("lora") or {}))
     variant = variant or infer_variant(state)
     if variant is None:
         raise ValueError(
@@ -51,29 +55,6 @@ def export(ckpt: str, out: str, variant: str | None = None) -> tuple[str, int, b
     ordered = {k: state[k].contiguous() for k in reference.state_dict()}
     save_state_dict(ordered, out)
     return variant, len(ordered), bool(extra)
-
-
-def _merge_lora(state: dict, ckpt: str) -> dict:
-    """Fold peft LoRA adapters of a run's .ckpt into plain encoder weights (W + alpha / r * B @ A), official names.
-
-    r and alpha come from the run's `lora` hyper-parameter (SamModule / apply_lora defaults r=8, alpha=16).
-    """
-    if not any(".lora_A." in key for key in state):
-        return state
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
-    lora = hparams.get("lora") or {}
-    scale = float(lora.get("alpha", 16.0)) / float(lora.get("r", 8))
-    merged = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            prefix = key[: -len(".base_layer.weight")]
-            down, up = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
-            value = value + (scale * up.float() @ down.float()).to(value.dtype)
-        name = key.replace("image_encoder.base_model.model.", "image_encoder.").replace(".base_layer.", ".")
-        merged[name] = value
-    return merged
 
 
 def _has_text(state: dict) -> bool:

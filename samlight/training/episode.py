@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from samlight.metrics import mask_iou
 from samlight.prompts.clicks import CorrectiveClicks
 from samlight.prompts.types import Prompts
+from samlight.training.metrics import mask_iou
 
 
 @dataclass

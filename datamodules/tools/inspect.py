@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samlight.datamodules.convert import ConvertSummary, progress
 from samlight.datamodules.decode import SampleError, decode_masks, parse_record, rle_counts
-from samlight.datamodules.prepare import MAX_AREA_FRACTION, expand_urls, iter_samples, sample_name
 from samlight.datamodules.sa1b_reader import RawSample
-from samlight.transforms import get_preprocess_shape
+from samlight.datamodules.tools.convert import ConvertSummary, progress
+from samlight.datamodules.tools.prepare import MAX_AREA_FRACTION, expand_urls, iter_samples, sample_name
+from samlight.modeling.transforms import get_preprocess_shape
 
 # Mask area as a fraction of the image: the histogram's bin edges (the last bin holds what training drops).
 AREA_BINS = (0.0, 0.001, 0.01, 0.1, 0.5, MAX_AREA_FRACTION, 1.0)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from samlight.modeling.image_encoder import timm_to_official
+from samlight.modeling.variants import VARIANTS
+from samlight.modeling.weight_names import SAM_PARTS, strip_sam_prefix, timm_to_official
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ OFFICIAL_URLS = {
 }
 CACHE_DIR = Path(os.environ.get("SAMLIGHT_CACHE", Path.home() / ".cache" / "samlight"))
 
-_SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 _MAX_LISTED = 10
 
 
@@ -49,7 +49,7 @@ def load_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
             )
     if path.is_dir():
         # Sharded (FSDP / distributed checkpoint) directory, consolidated by the scale-out code.
-        from samlight.distributed_checkpoint import load_full_state_dict
+        from samlight.modeling.sharded_checkpoint import load_full_state_dict
 
         obj = load_full_state_dict(path)
     elif path.suffix == ".safetensors":
@@ -101,30 +101,11 @@ def normalize_state_dict(obj: object, *, source: str = "<state dict>") -> dict[s
             f"Checkpoint {source} is not a plain state dict: {len(not_tensors)} entries are not tensors "
             f"(e.g. {not_tensors[:5]})"
         )
-    prefix = _sam_prefix(obj.keys(), source)
-    if prefix:
-        obj = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
-    return timm_to_official(dict(obj))
-
-
-def _sam_prefix(keys, source: str) -> str:
-    """The common prefix in front of `image_encoder.` / `prompt_encoder.` / `mask_decoder.` keys ('' if none)."""
-    pattern = re.compile(r"^(.*?)(?:" + "|".join(re.escape(p) for p in _SAM_PARTS) + ")")
-    prefixes = {m.group(1) for k in keys if (m := pattern.match(k))}
-    if len(prefixes) == 1:
-        return prefixes.pop()
-    if "" in prefixes:
-        return ""
-    raise ValueError(
-        f"Checkpoint {source} holds several SAM models under the prefixes {sorted(prefixes)}; keep the keys "
-        "of one of them, with that prefix removed, and save those"
-    )
+    return timm_to_official(strip_sam_prefix(dict(obj), source=source))
 
 
 def infer_variant(state_dict: Mapping[str, Tensor]) -> str | None:
     """The variant whose image encoder shape (embed dim, depth, patch grid) matches `state_dict`, if any."""
-    from samlight.build import VARIANTS
-
     pos = state_dict.get("image_encoder.pos_embed")
     if pos is None:
         return None
@@ -206,7 +187,7 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     sam = model.merged_model() if hasattr(model, "merged_model") else getattr(model, "model", model)
     state = sam.state_dict()
-    extra = [k for k in state if not k.startswith(_SAM_PARTS)]
+    extra = [k for k in state if not k.startswith(SAM_PARTS)]
     if extra:
         raise ValueError(f"save_official: {type(sam).__name__} has keys outside the SAM parts: {extra[:10]}")
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger("samlight.segment")
+log = logging.getLogger("samlight.inference.segment")
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -189,7 +189,7 @@ def load_volume(path: Path) -> Any:
     """A nibabel image from a NIfTI file or a DICOM series folder."""
     import nibabel as nib
 
-    from samlight.datamodules.volumes import read_dicom_series
+    from samlight.datamodules.tools.volumes import read_dicom_series
 
     if path.is_dir():
         return read_dicom_series(path)
@@ -211,7 +211,7 @@ def segment_volume(
         image: nibabel image X x Y x Z (any orientation).
         intensity: `Intensity` used to render the slices (the converter's setting).
     """
-    from samlight.datamodules.volumes import (
+    from samlight.datamodules.tools.volumes import (
         SLICE_AXES,
         canonical,
         from_canonical,
@@ -260,7 +260,7 @@ def write_label_volume(labels: np.ndarray, reference: Any, out: Path) -> None:
 
 
 def run_volume(args: argparse.Namespace, predictor: Any) -> None:
-    from samlight.datamodules.volumes import Intensity, parse_percentile, parse_window
+    from samlight.datamodules.tools.volumes import Intensity, parse_percentile, parse_window
 
     record, slices = read_volume_prompts(args.prompts)
     axis = args.axis or record.get("axis", "axial")
@@ -405,7 +405,7 @@ def segment_scene(
     """
     from rasterio.windows import Window
 
-    from samlight.datamodules.raster import stretch_to_uint8, tile_windows, valid_mask
+    from samlight.datamodules.tools.raster import stretch_to_uint8, tile_windows, valid_mask
 
     grid = tile_windows(src.width, src.height, tile, overlap)
     groups: dict[tuple[int, int, int, int], list[ObjectPrompt]] = {}
@@ -449,8 +449,8 @@ def write_label_raster(labels: np.ndarray, src: Any, out: Path) -> None:
 def run_scene(args: argparse.Namespace, predictor: Any) -> None:
     import rasterio
 
-    from samlight.datamodules.raster import parse_bands, scene_stretch
-    from samlight.datamodules.volumes import parse_percentile
+    from samlight.datamodules.tools.raster import parse_bands, scene_stretch
+    from samlight.datamodules.tools.volumes import parse_percentile
 
     with rasterio.open(args.input) as src:
         bands = parse_bands(args.bands, src.count, args.input)

@@ -3,8 +3,8 @@
 Lightning's `TorchCheckpointIO` streams `torch.save` output straight into the target path, so a job killed mid-write
 (preemption, node failure, full disk) leaves a truncated `last.ckpt` that `--ckpt_path last` then fails to load. This
 plugin writes to a temporary file in the same directory, fsyncs it and renames it over the target (`os.replace` is
-atomic on POSIX filesystems). Use it from YAML as `trainer.plugins: [{class_path: samlight.checkpoint_io.AtomicCheckpointIO}]`.
-Sharded (FSDP2) checkpoints do not go through a CheckpointIO; `samlight.strategy.FSDP2Strategy` makes those atomic.
+atomic on POSIX filesystems). Use it from YAML as `trainer.plugins: [{class_path: samlight.scale.checkpoint_io.AtomicCheckpointIO}]`.
+Sharded (FSDP2) checkpoints do not go through a CheckpointIO; `samlight.scale.strategy.FSDP2Strategy` makes those atomic.
 """
 
 from __future__ import annotations

@@ -40,14 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Warnings go through tqdm.write so they do not tear the progress bar apart.
     with logging_redirect_tqdm():
         if command == "convert":
-            from samlight.datamodules.convert import main as convert_main
+            from samlight.datamodules.tools.convert import main as convert_main
 
             return convert_main(rest)
         if command == "prepare":
-            from samlight.datamodules.prepare import main as prepare_main
+            from samlight.datamodules.tools.prepare import main as prepare_main
 
             return prepare_main(rest)
-        from samlight.datamodules.inspect import main as inspect_main
+        from samlight.datamodules.tools.inspect import main as inspect_main
 
         return inspect_main(rest)
 

@@ -15,10 +15,14 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from samlight.datamodules.batch import SegmentationBatch
-from samlight.interaction import Episode, InteractionTrace, run_episode
-from samlight.loss import SamLoss
-from samlight.metrics import MeanAccumulator, mask_dice, mask_iou
-from samlight.optim import (
+from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, check_prompts
+from samlight.prompts.box import BoxPrompt
+from samlight.prompts.clicks import CorrectiveClicks
+from samlight.prompts.point import PointPrompt
+from samlight.training.episode import Episode, InteractionTrace, run_episode
+from samlight.training.loss import SamLoss
+from samlight.training.metrics import MeanAccumulator, mask_dice, mask_iou
+from samlight.training.optim import (
     apply_lora,
     build_adamw,
     freeze,
@@ -26,10 +30,6 @@ from samlight.optim import (
     param_groups,
     warmup_step_lambda,
 )
-from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, check_prompts
-from samlight.prompts.box import BoxPrompt
-from samlight.prompts.clicks import CorrectiveClicks
-from samlight.prompts.point import PointPrompt
 
 CLICK_COUNTS = (1, 2, 3, 5, 9)
 
@@ -60,7 +60,7 @@ class SamModule(LightningModule):
         lr_gamma: step decay factor.
         freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: keep these parts fixed.
         lora: {"r": 8, "alpha": 16, "dropout": 0.0}: LoRA (peft) on the encoder attention qkv/proj.
-        fsdp_options: keyword arguments for `samlight.distributed.apply_fsdp` under a model-parallel strategy.
+        fsdp_options: keyword arguments for `samlight.scale.fsdp.apply_fsdp` under a model-parallel strategy.
         val_seed: seed of the validation prompts (the same prompts every validation).
     """
 
@@ -130,7 +130,7 @@ class SamModule(LightningModule):
         self.miou_history: list[tuple[int, float]] = []
 
     def _build_model(self, variant: str, checkpoint: str | None, overrides: dict[str, Any]):
-        from samlight.build import build_sam
+        from samlight.modeling.build import build_sam
 
         text_dims = {p.text_embed_dim for p in [*self.prompt_types, *self.val_prompts.values()]} - {None}
         if len(text_dims) > 1:
@@ -144,7 +144,7 @@ class SamModule(LightningModule):
     def configure_model(self) -> None:
         """Shard with FSDP2 when Lightning's ModelParallelStrategy provides a device mesh."""
         if self.device_mesh is not None and not getattr(self, "_fsdp_applied", False):
-            from samlight.distributed import apply_fsdp
+            from samlight.scale.fsdp import apply_fsdp
 
             apply_fsdp(self.model, self.device_mesh, **self.fsdp_options)
             self._fsdp_applied = True

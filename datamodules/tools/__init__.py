@@ -1,0 +1,1 @@
+"""Offline shard tools: convert formats into SA-1B shards, prepare, inspect."""

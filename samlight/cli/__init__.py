@@ -1,0 +1,1 @@
+"""The `samlight` command: entry point, training CLI, config checks, export."""

@@ -1,0 +1,1 @@
+"""Inference: SamPredictor, the automatic mask generator, segmentation back into source formats."""

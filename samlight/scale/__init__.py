@@ -1,0 +1,1 @@
+"""Scale: FSDP2 strategy and sharding, distributed and atomic checkpoint IO."""

@@ -1,0 +1,1 @@
+"""Training: SamModule, the interactive episode, the loss, optimiser and schedule, metrics."""
