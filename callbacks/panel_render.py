@@ -1,4 +1,4 @@
-"""Turn an `InteractionTrace` into mask panels: images, label maps and drawn prompts, as arrays and PNGs.
+"""Turn an `Episode` into mask panels: images, label maps and drawn prompts, as arrays and PNGs.
 
 Pure functions (no trainer, no logger) so they are tested on traces built by hand. `MaskPanels` calls them.
 """
@@ -172,7 +172,7 @@ def panels_from_trace(trace, images: Sequence[np.ndarray], *, max_side: int = 51
     """Build one `Panel` per image that has at least one prompted mask in `trace`.
 
     Args:
-        trace: an `InteractionTrace` (image_index N, gt_masks N x S x S, prompts, click_coords N x R x 2,
+        trace: an `Episode` (image_index N, gt_masks N x S x S, prompts, click_coords N x R x 2,
             click_labels N x R, pred_masks R+1 tensors of N x S x S, ious (R+1) x N, prompt_name).
         images: the panel batch's images as from `denormalize` (H_b x W_b x 3 uint8 each).
         max_side: longest side of the panel images; larger images are scaled down (masks with nearest).

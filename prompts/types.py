@@ -56,10 +56,6 @@ class Prompts:
     def to(self, device: torch.device | str) -> Prompts:
         return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
-    def index(self, idx: Tensor) -> Prompts:
-        """Select prompts for a subset of masks (`idx`: K long or N bool)."""
-        return replace(self, **{f.name: _take(getattr(self, f.name), idx) for f in fields(self)})
-
     def with_points(self, coords: Tensor, labels: Tensor) -> Prompts:
         """Append points (N x k x 2, N x k) to the existing ones, e.g. a corrective click."""
         if self.point_coords is None:
@@ -73,7 +69,3 @@ class Prompts:
 
 def _to(t: Tensor | None, device: torch.device | str) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
-
-
-def _take(t: Tensor | None, idx: Tensor) -> Tensor | None:
-    return None if t is None else t[idx]

@@ -39,7 +39,12 @@ def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemptio
     if preemption:
         callbacks.append({"class_path": "samlight.callbacks.preemption.PreemptionCheckpoint"})
     config = {
-        "model": {"warmup_steps": 2, "lr_milestones": [1000]},
+        "model": {
+            "optimizer": {
+                "class_path": "samlight.training.optim.AdamWRecipe",
+                "init_args": {"lr": 5e-3, "weight_decay": 0.01, "warmup_steps": 2, "lr_milestones": [1000]},
+            }
+        },
         "data": {
             "init_args": {
                 "val_urls": None,

@@ -70,12 +70,12 @@ def test_misspelt_keys_are_all_reported(tmp_path: Path, capsys, monkeypatch) -> 
     config = _config(
         tmp_path,
         data={"init_args": {"train_urls": "x.tar", "batch_sise": 2}},
-        model={"lr_milestone": [10]},
+        model={"checkpoint_round": True},
         panles={"num_images": 2},
     )
     err = _fails(["fit", "--config", config, "--trainr.max_steps=1"], capsys, monkeypatch, tmp_path)
     assert "'data.init_args.batch_sise'" in err and "'data.init_args.batch_size'" in err
-    assert "'model.lr_milestone'" in err and "'model.lr_milestones'" in err
+    assert "'model.checkpoint_round'" in err and "'model.checkpoint_rounds'" in err
     assert "'panles'" in err and "'panels'" in err
     assert "'trainr.max_steps' (in command line)" in err and "'trainer.max_steps'" in err
 

@@ -51,10 +51,12 @@ def test_config_parses(path, capsys):
 def test_sa1b_configs_follow_the_paper(variant, layer_decay, drop_path, capsys):
     parsed = _print_config(capsys, CONFIGS / f"sa1b_{variant}.yaml")
     model = parsed["model"]
-    assert model["lr"] == pytest.approx(8e-4) and model["weight_decay"] == pytest.approx(0.1)
-    assert model["warmup_steps"] == 250 and model["lr_milestones"] == [60000, 86666]
-    assert model["lr_gamma"] == pytest.approx(0.1) and parsed["trainer"]["max_steps"] == 90000
-    assert model["layer_decay"] == pytest.approx(layer_decay)
+    assert model["optimizer"]["class_path"] == "samlight.training.optim.AdamWRecipe"
+    opt = model["optimizer"]["init_args"]
+    assert opt["lr"] == pytest.approx(8e-4) and opt["weight_decay"] == pytest.approx(0.1)
+    assert opt["warmup_steps"] == 250 and opt["lr_milestones"] == [60000, 86666]
+    assert opt["lr_gamma"] == pytest.approx(0.1) and parsed["trainer"]["max_steps"] == 90000
+    assert opt["layer_decay"] == pytest.approx(layer_decay) and tuple(opt["betas"]) == (0.9, 0.999)
     assert model["model_overrides"]["drop_path_rate"] == pytest.approx(drop_path)
     assert model["clicks"]["init_args"] == {"num_clicks": 8, "mask_only_rounds": 2, "mode": "uniform"}
     assert [p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]] == ["PointPrompt", "BoxPrompt"]

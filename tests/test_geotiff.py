@@ -187,7 +187,7 @@ def test_finetune_satellite_config_builds_lora(capsys):
     parsed = yaml.safe_load(capsys.readouterr().out)
     model = parsed["model"]
     assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
-    assert model["lora"]["r"] == 8 and model["freeze_image_encoder"] is False
+    assert model["lora"]["r"] == 8 and model["freeze"] == []
     assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
     loss = model["loss"]["init_args"]
     assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)

@@ -295,7 +295,7 @@ def test_finetune_medical_config(capsys):
     parsed = yaml.safe_load(capsys.readouterr().out)
     model = parsed["model"]
     assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
-    assert model["freeze_image_encoder"] is True and model["lora"] is None
+    assert model["freeze"] == ["image_encoder"] and model["lora"] is None
     assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
     loss = model["loss"]["init_args"]
     assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)

@@ -11,7 +11,7 @@ from samlight import build_sam, save_official
 from samlight.datamodules.batch import SegmentationBatch
 from samlight.prompts import BoxPrompt, CorrectiveClicks, PointPrompt, Prompts, PromptType
 from samlight.training.module import SamModule
-from samlight.training.optim import warmup_step_lambda
+from samlight.training.optim import AdamWRecipe, warmup_step_lambda
 
 S = 128
 SMALL = {"image_size": S}
@@ -53,12 +53,14 @@ class _Batches(LightningDataModule):
 
 
 def _module(**kwargs) -> SamModule:
+    """A tiny SamModule; optimiser settings (lr, weight_decay, ...) go into its AdamWRecipe."""
+    recipe = {k: kwargs.pop(k) for k in ("lr", "weight_decay", "layer_decay") if k in kwargs}
     defaults = dict(
         variant="tiny",
         model_overrides=SMALL,
         clicks=CorrectiveClicks(num_clicks=1, mask_only_rounds=1),
         val_clicks=CorrectiveClicks(num_clicks=2, mask_only_rounds=0, mode="center"),
-        warmup_steps=0,
+        optimizer=AdamWRecipe(warmup_steps=0, **recipe),
     )
     return SamModule(**{**defaults, **kwargs})
 
@@ -218,7 +220,7 @@ def test_optimizer_groups_layer_decay_and_no_decay():
 
 
 def test_freezing_flags():
-    module = _module(freeze_image_encoder=True, freeze_prompt_encoder=True)
+    module = _module(freeze=["image_encoder", "prompt_encoder"])
     trainable = {n.split(".")[0] for n, p in module.model.named_parameters() if p.requires_grad}
     assert trainable == {"mask_decoder"}
     params = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
@@ -226,7 +228,7 @@ def test_freezing_flags():
 
 
 def test_lora_trains_adapters_and_merges_to_official_keys(tmp_path):
-    module = _module(lora={"r": 4, "alpha": 8, "dropout": 0.0}, freeze_prompt_encoder=True)
+    module = _module(lora={"r": 4, "alpha": 8, "dropout": 0.0}, freeze=["prompt_encoder"])
     encoder_trainable = [n for n, p in module.model.image_encoder.named_parameters() if p.requires_grad]
     assert encoder_trainable and all("lora_" in n for n in encoder_trainable)
     assert any(".attn.qkv." in n for n in encoder_trainable) and any(

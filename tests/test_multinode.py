@@ -37,7 +37,9 @@ def test_two_nodes_on_loopback_train(tmp_path: Path) -> None:
         "mp_param_dtype": "auto",
         "activation_checkpointing": True,
     }
-    config.with_name("hybrid.yaml").write_text(yaml.safe_dump({"model": {"fsdp_options": hybrid}}))
+    config.with_name("hybrid.yaml").write_text(yaml.safe_dump(
+        {"trainer": {"strategy": {"class_path": "samlight.scale.strategy.FSDP2Strategy", "init_args": hybrid}}}
+    ))
     environ = env(tmp_path / "cache")
     port = free_port()
     nodes = [_torchrun(rank, port, config, environ) for rank in (0, 1)]

@@ -1,4 +1,4 @@
-"""Mask panels: rendering from a hand-built InteractionTrace, and PNG panels from a short quickstart run."""
+"""Mask panels: rendering from a hand-built Episode, and PNG panels from a short quickstart run."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from samlight.callbacks.panel_render import (
     panels_from_trace,
 )
 from samlight.prompts.types import Prompts
-from samlight.training.episode import InteractionTrace
+from samlight.training.episode import Episode
 from tests._quickstart import SHORT_RUN, own_demo_shards
 
 S = 64
@@ -40,7 +40,7 @@ def _square(y0: int, x0: int, side: int) -> torch.Tensor:
     return m
 
 
-def _trace(prompt: str) -> InteractionTrace:
+def _trace(prompt: str) -> Episode:
     """Two images; image 0 has two masks (a big one and a small one inside it), image 1 one mask."""
     gt = torch.stack([_square(8, 8, 30), _square(12, 12, 6), _square(20, 4, 10)])  # 3 x S x S
     first = torch.stack([_square(8, 8, 20), torch.zeros(S, S, dtype=torch.bool), _square(20, 4, 10)])
@@ -55,7 +55,8 @@ def _trace(prompt: str) -> InteractionTrace:
             point_coords=torch.tensor([[[20.0, 20.0]], [[14.0, 14.0]], [[8.0, 24.0]]]),
             point_labels=torch.tensor([[1], [1], [1]]),
         )
-    return InteractionTrace(
+    return Episode(
+        rounds=[],
         image_index=torch.tensor([0, 0, 1]),
         gt_masks=gt,
         prompts=prompts,

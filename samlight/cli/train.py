@@ -29,7 +29,7 @@ def _wants_default_config(args: Sequence[str]) -> bool:
 
 class SamlightCLI(DashboardsCLIMixin, LightningCLI):
     """LightningCLI with samlight's defaults (the mixin: panels/data_health/lr_monitor sections, run directory,
-    config key check; see samlight/cli_dashboards.py)."""
+    config key check; see samlight/cli/dashboards.py)."""
 
 
 def run_cli(args: Sequence[str] | None = None) -> SamlightCLI:

@@ -48,8 +48,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Data-parallel FSDP2 (optionally hybrid-sharded) for `SamModule`, on GPUs (NCCL) or CPU (gloo).
 
     Args:
-        shard_size: ranks per shard group of the mesh; None = devices per node. The model config decides whether to
-            use it (`model.fsdp_options.hybrid: true` shards in groups, replicates across) or to shard over all ranks.
+        shard_size: ranks per shard group of the mesh; None = devices per node. Used when `hybrid` is true
+            (shard inside a group, replicate across groups); otherwise every rank holds 1/world of each parameter.
+        reshard_after_forward, hybrid, mp_param_dtype, activation_checkpointing: how the model is sharded,
+            passed to `samlight.scale.fsdp.apply_fsdp` (see there): ZeRO-3 vs ZeRO-2, HSDP across nodes,
+            the all-gather/compute dtype ("auto": bfloat16 on CUDA), recomputing encoder blocks in backward.
         save_distributed_checkpoint: True writes one shard per rank into a checkpoint directory (fast, needed for
             ViT-H); False gathers a single full `.ckpt` on rank 0 (fine for ViT-B/L and small runs).
         process_group_backend: "nccl", "gloo", ...; None picks NCCL on GPUs and gloo on CPU.
@@ -60,6 +63,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         *,
         shard_size: int | None = None,
+        reshard_after_forward: bool = True,
+        hybrid: bool = False,
+        mp_param_dtype: str | None = "auto",
+        activation_checkpointing: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta = default_pg_timeout,
@@ -70,6 +77,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout=timeout,
         )
         self._shard_size = shard_size
+        self.fsdp_options = {
+            "reshard_after_forward": reshard_after_forward,
+            "hybrid": hybrid,
+            "mp_param_dtype": mp_param_dtype,
+            "activation_checkpointing": activation_checkpointing,
+        }
 
     @property
     @override

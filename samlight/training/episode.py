@@ -20,31 +20,6 @@ from samlight.training.metrics import mask_iou
 
 
 @dataclass
-class InteractionTrace:
-    """What a simulated user did and saw, for N masks (the public record for dashboards and tests).
-
-    Attributes:
-        image_index: N long, image of the batch each prompted mask belongs to.
-        gt_masks: N x S x S bool (input frame).
-        prompts: initial (round 0) prompts, input-pixel coordinates.
-        click_coords: N x R x 2 float, corrective clicks in order (R may be 0).
-        click_labels: N x R long.
-        pred_masks: rounds 0..R: N x S x S bool, the mask passed on (highest predicted IoU).
-        ious: (R+1) x N float, IoU of pred_masks[r] vs gt_masks.
-        prompt_name: short name of the prompt type of round 0.
-    """
-
-    image_index: Tensor
-    gt_masks: Tensor
-    prompts: Prompts
-    click_coords: Tensor
-    click_labels: Tensor
-    pred_masks: list[Tensor]
-    ious: Tensor
-    prompt_name: str
-
-
-@dataclass
 class RoundOutput:
     """Decoder output of one round.
 
@@ -61,20 +36,32 @@ class RoundOutput:
 
 @dataclass
 class Episode:
-    """All rounds of one episode.
+    """One simulated interactive session over N masks: what the user did, what the model answered.
+
+    The one record of an episode, read by the loss (rounds), the metrics (ious) and the mask panels
+    (prompts, clicks, pred_masks).
 
     Attributes:
+        image_index: N long, image of the batch each prompted mask belongs to.
+        gt_masks: N x H x W bool, the ground truth in the click frame.
+        prompts: the initial (round 0) prompts, input-pixel coordinates.
         rounds: one `RoundOutput` per round (1 + clicks + mask-only rounds).
-        click_coords: N x R x 2 float, input pixels; click_labels: N x R long.
+        click_coords: N x R x 2 float, corrective clicks in order, input pixels (R may be 0).
+        click_labels: N x R long.
         ious: rounds x N float, IoU of the mask passed on vs the ground truth in the click frame.
         pred_masks: per round N x H x W bool in the click frame (only when `keep_pred_masks`).
+        prompt_name: short name of the prompt type of round 0 (set by the caller; "" if unknown).
     """
 
+    image_index: Tensor
+    gt_masks: Tensor
+    prompts: Prompts
     rounds: list[RoundOutput]
     click_coords: Tensor
     click_labels: Tensor
     ious: Tensor
     pred_masks: list[Tensor]
+    prompt_name: str = ""
 
 
 def run_episode(
@@ -118,6 +105,7 @@ def run_episode(
     schedule = clicks.schedule() if clicks is not None else []
     rounds: list[RoundOutput] = []
     coords, labels, ious, preds = [], [], [], []
+    initial_prompts = prompts
     round_prompts, multimask = prompts, prompts.is_ambiguous()
     for r in range(1 + len(schedule)):
         if r > 0:
@@ -127,7 +115,7 @@ def run_episode(
                 coords.append(xy)
                 labels.append(lab)
                 prompts = prompts.with_points(xy, lab)
-            feedback = rounds[-1].low_res_logits.gather(1, _expand_index(rounds[-1].best, rounds[-1]))
+            feedback = select_output(rounds[-1].low_res_logits, rounds[-1].best)
             round_prompts = replace(prompts, mask_inputs=feedback.detach() if detach_feedback else feedback)
             multimask = False
         logits, iou_pred = _decode(
@@ -135,7 +123,7 @@ def run_episode(
         )
         best = iou_pred.argmax(dim=1)  # N
         rounds.append(RoundOutput(low_res_logits=logits, iou_predictions=iou_pred, best=best))
-        chosen = logits.detach().gather(1, _expand_index(best, rounds[-1]))  # N x 1 x s x s
+        chosen = select_output(logits.detach(), best)  # N x 1 x s x s
         pred = binarize(chosen, size)  # N x H x W
         if valid_region is not None:
             pred = pred & valid_region
@@ -144,6 +132,9 @@ def run_episode(
     n = click_gt.shape[0]
     device = click_gt.device
     return Episode(
+        image_index=image_index,
+        gt_masks=click_gt,
+        prompts=initial_prompts,
         rounds=rounds,
         click_coords=torch.cat(coords, 1) if coords else torch.zeros(n, 0, 2, device=device),
         click_labels=torch.cat(labels, 1) if labels else torch.zeros(n, 0, dtype=torch.long, device=device),
@@ -159,10 +150,9 @@ def binarize(logits: Tensor, size: int) -> Tensor:
     return logits[:, 0] > 0.0
 
 
-def _expand_index(best: Tensor, out: RoundOutput) -> Tensor:
-    """N long -> N x 1 x s x s index for gathering the chosen output's logits."""
-    s = out.low_res_logits.shape[-1]
-    return best[:, None, None, None].expand(-1, 1, s, s)
+def select_output(outputs: Tensor, best: Tensor) -> Tensor:
+    """The chosen output of each mask: N x K x h x w maps, N long indices -> N x 1 x h x w."""
+    return outputs.gather(1, best[:, None, None, None].expand(-1, 1, *outputs.shape[-2:]))
 
 
 def _decode(model, image_embeddings, image_index, prompts, multimask, use_checkpoint):

@@ -19,17 +19,11 @@ from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, che
 from samlight.prompts.box import BoxPrompt
 from samlight.prompts.clicks import CorrectiveClicks
 from samlight.prompts.point import PointPrompt
-from samlight.training.episode import Episode, InteractionTrace, run_episode
+from samlight.training.episode import Episode, run_episode, select_output
 from samlight.training.loss import SamLoss
 from samlight.training.metrics import MeanAccumulator, mask_dice, mask_iou
-from samlight.training.optim import (
-    apply_lora,
-    build_adamw,
-    freeze,
-    merged_copy,
-    param_groups,
-    warmup_step_lambda,
-)
+from samlight.training.optim import AdamWRecipe, apply_lora, merged_copy
+from samlight.training.optim import freeze as freeze_parts
 
 CLICK_COUNTS = (1, 2, 3, 5, 9)
 
@@ -49,18 +43,12 @@ class SamModule(LightningModule):
             gives the unprefixed val/miou@k, val/dice and per-label metrics. Default: center point, exact box.
         val_clicks: corrective clicks in validation; default 8 "center" clicks, no mask-only rounds (mIoU@1..9).
         loss: the loss; default `SamLoss()` (focal x20 + dice + IoU MSE).
+        optimizer: optimiser and schedule; default `AdamWRecipe()` (the paper's AdamW, warmup, step decay).
+        freeze: parts kept fixed, any of "image_encoder", "prompt_encoder", "mask_decoder".
+        lora: {"r": 8, "alpha": 16, "dropout": 0.0}: LoRA (peft) on the encoder attention qkv/proj.
         detach_feedback: stop gradients through the logits fed back into the next round (default, as the paper
             feeds predictions back as prompts; gradients through 11 rounds cost memory and destabilise training).
         checkpoint_rounds: activation checkpointing per decoder round (recompute in backward).
-        lr: peak learning rate (paper: 8e-4).
-        weight_decay: AdamW weight decay (not on norms, biases, position embeddings).
-        layer_decay: layer-wise lr decay over the image-encoder blocks (paper: 0.8; ViT-B 0.6).
-        warmup_steps: linear warmup length in optimizer steps.
-        lr_milestones: steps at which the lr is multiplied by `lr_gamma`.
-        lr_gamma: step decay factor.
-        freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: keep these parts fixed.
-        lora: {"r": 8, "alpha": 16, "dropout": 0.0}: LoRA (peft) on the encoder attention qkv/proj.
-        fsdp_options: keyword arguments for `samlight.scale.fsdp.apply_fsdp` under a model-parallel strategy.
         val_seed: seed of the validation prompts (the same prompts every validation).
     """
 
@@ -76,24 +64,16 @@ class SamModule(LightningModule):
         val_prompts: list[PromptType | str] | None = None,
         val_clicks: CorrectiveClicks | None = None,
         loss: SamLoss | None = None,
+        optimizer: AdamWRecipe | None = None,
+        freeze: list[str] | None = None,
+        lora: dict[str, float] | None = None,
         detach_feedback: bool = True,
         checkpoint_rounds: bool = False,
-        lr: float = 8e-4,
-        weight_decay: float = 0.1,
-        layer_decay: float = 0.8,
-        warmup_steps: int = 250,
-        lr_milestones: list[int] | None = None,
-        lr_gamma: float = 0.1,
-        freeze_image_encoder: bool = False,
-        freeze_prompt_encoder: bool = False,
-        freeze_mask_decoder: bool = False,
-        lora: dict[str, float] | None = None,
-        fsdp_options: dict[str, Any] | None = None,
         val_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["prompts", "clicks", "val_prompts", "val_clicks", "loss"], logger=False
+            ignore=["prompts", "clicks", "val_prompts", "val_clicks", "loss", "optimizer"], logger=False
         )
         self.prompt_types = [as_prompt_type(p) for p in (prompts or [PointPrompt(), BoxPrompt()])]
         weights = prompt_weights or [1.0] * len(self.prompt_types)
@@ -114,15 +94,9 @@ class SamModule(LightningModule):
         self.loss_fn = loss if loss is not None else SamLoss()
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
-        self.fsdp_options = dict(fsdp_options or {})
-        self.lr_milestones = list(lr_milestones) if lr_milestones is not None else [60000, 86666]
+        self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
         self.model = self._build_model(variant, checkpoint, model_overrides or {})
-        freeze(
-            self.model,
-            image_encoder=freeze_image_encoder,
-            prompt_encoder=freeze_prompt_encoder,
-            mask_decoder=freeze_mask_decoder,
-        )
+        freeze_parts(self.model, freeze or [])
         if lora:
             apply_lora(self.model, **lora)
         self._val_metrics = MeanAccumulator()
@@ -142,21 +116,15 @@ class SamModule(LightningModule):
     # ----------------------------------------------------------------------------------------------- setup
 
     def configure_model(self) -> None:
-        """Shard with FSDP2 when Lightning's ModelParallelStrategy provides a device mesh."""
+        """Shard with FSDP2 when a model-parallel strategy provides a device mesh (options: the strategy's)."""
         if self.device_mesh is not None and not getattr(self, "_fsdp_applied", False):
             from samlight.scale.fsdp import apply_fsdp
 
-            apply_fsdp(self.model, self.device_mesh, **self.fsdp_options)
+            apply_fsdp(self.model, self.device_mesh, **getattr(self.trainer.strategy, "fsdp_options", {}))
             self._fsdp_applied = True
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        groups = param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay)
-        optimizer = build_adamw(groups, lr=hp.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_step_lambda(hp.warmup_steps, self.lr_milestones, hp.lr_gamma)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.optimizer_recipe.configure(self.model)
 
     def merged_model(self):
         """A copy of the `Sam` with LoRA merged in (official parameter names), e.g. for `save_official`."""
@@ -307,7 +275,7 @@ class SamModule(LightningModule):
         metrics["oracle@1"] = all_ious.amax(1)
         chosen_pred = first.iou_predictions.gather(1, first.best[:, None]).squeeze(1).float()
         metrics["iou_calibration_error"] = (chosen_pred - episode.ious[0]).abs()
-        best_mask = (outputs.gather(1, _index_maps(first.best, outputs)) > 0)[:, 0] & region
+        best_mask = (select_output(outputs, first.best) > 0)[:, 0] & region
         metrics["dice"] = mask_dice(best_mask, gt)
         metrics["iou"] = episode.ious[0]
         return metrics
@@ -356,7 +324,7 @@ class SamModule(LightningModule):
         mode: str = "center",
         max_masks_per_image: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> InteractionTrace:
+    ) -> Episode:
         """Simulate an interactive session on `batch` (the validation code path), e.g. for mask panels.
 
         Args:
@@ -368,26 +336,18 @@ class SamModule(LightningModule):
             generator: random source (prompt noise, uniform clicks).
 
         Returns:
-            InteractionTrace with N = the selected masks.
+            Episode with N = the selected masks, its predicted masks kept and `prompt_name` set.
         """
         ptype = self._prompt_by_name(prompt)
         embeddings = self.model.encode_images(batch.images)
         gt, image_index, slots = _valid_slots(batch, max_masks_per_image)
         region = _inside_image(batch.input_sizes, image_index, gt.shape[-1])
         clicks = CorrectiveClicks(num_clicks=num_clicks, mask_only_rounds=0, mode=mode)
-        episode, _, prompts = self._evaluate(
+        episode, _, _ = self._evaluate(
             batch, embeddings, ptype, clicks, gt, image_index, slots, region, generator, keep=True
         )
-        return InteractionTrace(
-            image_index=image_index,
-            gt_masks=gt,
-            prompts=prompts,
-            click_coords=episode.click_coords,
-            click_labels=episode.click_labels,
-            pred_masks=episode.pred_masks,
-            ious=episode.ious,
-            prompt_name=prompt,
-        )
+        episode.prompt_name = prompt
+        return episode
 
     def _prompt_by_name(self, name: str) -> PromptType:
         if name in self.val_prompts:
@@ -424,10 +384,6 @@ def _inside_image(input_sizes: Tensor, image_index: Tensor, size: int) -> Tensor
     hw = input_sizes.to(image_index.device)[image_index]  # N x 2
     ys = torch.arange(size, device=image_index.device)
     return (ys[None, :, None] < hw[:, 0, None, None]) & (ys[None, None, :] < hw[:, 1, None, None])
-
-
-def _index_maps(best: Tensor, outputs: Tensor) -> Tensor:
-    return best[:, None, None, None].expand(-1, 1, *outputs.shape[-2:])
 
 
 def _unique_names(types: list[PromptType]) -> dict[str, PromptType]:

@@ -76,17 +76,16 @@ def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: floa
     return factor
 
 
-def freeze(
-    model: nn.Module, *, image_encoder: bool = False, prompt_encoder: bool = False, mask_decoder: bool = False
-):
-    """Set requires_grad False on the named parts of a `Sam`."""
-    for part, frozen in (
-        ("image_encoder", image_encoder),
-        ("prompt_encoder", prompt_encoder),
-        ("mask_decoder", mask_decoder),
-    ):
-        if frozen:
-            getattr(model, part).requires_grad_(False)
+SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def freeze(model: nn.Module, parts: Sequence[str]) -> None:
+    """Set requires_grad False on the named parts of a `Sam` ("image_encoder", "prompt_encoder", "mask_decoder")."""
+    unknown = sorted(set(parts) - set(SAM_PARTS))
+    if unknown:
+        raise ValueError(f"freeze: unknown part(s) {unknown}; choose from {list(SAM_PARTS)}")
+    for part in parts:
+        getattr(model, part).requires_grad_(False)
 
 
 def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
@@ -133,7 +132,56 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     if not groups:
         raise ValueError(
-            "no trainable parameters: every part of the model is frozen (freeze_image_encoder / "
-            "freeze_prompt_encoder / freeze_mask_decoder) and no LoRA is configured"
+            "no trainable parameters: every part of the model is frozen (model.freeze lists all three parts) "
+            "and no LoRA is configured"
         )
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+class AdamWRecipe:
+    """The optimiser and schedule of a run: AdamW over layer-wise-decayed groups, linear warmup, step decay.
+
+    The defaults are the paper's (App. A): lr 8e-4, betas (0.9, 0.999), weight decay 0.1, layer decay 0.8,
+    250 warmup steps, lr / 10 at 60k and 86,666 of 90k steps. Select it in YAML as
+    `model.optimizer: {class_path: samlight.training.optim.AdamWRecipe, init_args: {...}}`.
+
+    Args:
+        lr: peak learning rate.
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay (not on norms, biases, position embeddings, learned tokens).
+        layer_decay: layer-wise lr decay over the image-encoder blocks (paper: 0.8; ViT-B 0.6); 1.0 = none.
+        warmup_steps: linear warmup length in optimizer steps.
+        lr_milestones: optimizer steps at which the lr is multiplied by `lr_gamma`.
+        lr_gamma: step decay factor.
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float = 8e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.1,
+        layer_decay: float = 0.8,
+        warmup_steps: int = 250,
+        lr_milestones: Sequence[int] = (60000, 86666),
+        lr_gamma: float = 0.1,
+    ) -> None:
+        self.lr = lr
+        self.betas = tuple(betas)
+        self.weight_decay = weight_decay
+        self.layer_decay = layer_decay
+        self.warmup_steps = warmup_steps
+        self.lr_milestones = list(lr_milestones)
+        self.lr_gamma = lr_gamma
+
+    def __repr__(self) -> str:
+        return f"AdamWRecipe({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def configure(self, model: nn.Module) -> dict:
+        """Lightning's `configure_optimizers` result for the trainable parameters of `model` (a `Sam`)."""
+        groups = param_groups(model, lr=self.lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay)
+        optimizer = build_adamw(groups, lr=self.lr, betas=self.betas)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_step_lambda(self.warmup_steps, self.lr_milestones, self.lr_gamma)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
