@@ -141,7 +141,7 @@ def test_convert_folder_binary_per_object_and_components(tmp_path: Path) -> None
 def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path, caplog) -> None:
     from argparse import Namespace
 
-    from samlight.datamodules.tools import convert_folder
+    from samlight.datamodules.tools import convert
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
@@ -158,11 +158,12 @@ def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path,
     Image.fromarray(tiny).save(masks / "tiny.png")
     Image.fromarray(good).save(masks / "orphan.png")
 
-    args = Namespace(images=images, masks=masks, output=tmp_path / "out", shard_size=2, max_shard_bytes=1 << 30,
-                     prefix="sa", quality=90, mask_mode="instance", mask_suffix="", connected_components=False,
-                     min_area=2, ignore_value=[], recursive=False)  # fmt: skip
+    args = Namespace(format="folder", images=images, labels=masks, output=tmp_path / "out", shard_size=2,
+                     max_shard_bytes=1 << 30, prefix="sa", quality=90, mask_mode="instance", mask_suffix="",
+                     connected_components=False, min_area=2, ignore_value=[], recursive=False,
+                     strict=False)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="samlight.datamodules"):
-        summary: ConvertSummary = convert_folder.run(args)
+        summary: ConvertSummary = convert.run(args)
     assert summary.images_written == 1 and summary.masks_written == 2
     assert summary.skipped == {
         "unmatched image": 1,
