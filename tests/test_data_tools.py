@@ -177,6 +177,44 @@ def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path,
         assert name in caplog.text
 
 
+@pytest.mark.parametrize("flag", ["--labels", "--masks"])
+def test_convert_folder_takes_labels_or_its_alias_masks(tmp_path: Path, flag: str) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    Image.fromarray(np.full((16, 20, 3), 70, np.uint8)).save(images / "a.png")
+    labels = label_map(16, 20, [4, 9], np.uint8)
+    Image.fromarray(labels).save(masks / "a.png")
+    argv = ["convert", "--format", "folder", "--images", images, flag, masks, "--output", tmp_path / "out"]
+    assert run_data(*argv) == 0
+    record = read_shards(tmp_path / "out")["a"][1]
+    assert_same_masks(shard_masks(record), [labels == 4, labels == 9])
+
+
+def test_convert_folder_strict_stops_at_the_first_unreadable_image(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    (images / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(label_map(16, 16, [1], np.uint8)).save(masks / "broken.png")
+    argv = ["convert", "--format", "folder", "--images", images, "--labels", masks]
+    assert run_data(*argv, "--output", tmp_path / "lenient") == 1  # skipped and counted: nothing written
+    with pytest.raises(SystemExit, match=r"--format folder: .*broken\.png"):
+        run_data(*argv, "--output", tmp_path / "strict", "--strict")
+
+
+def test_convert_help_lists_every_format_with_an_example(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_data("convert", "--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for fmt in ("folder", "coco", "nifti", "dicom", "geotiff"):
+        examples = [line for line in text.splitlines() if f"samlight data convert --format {fmt} " in line]
+        assert len(examples) == 1, f"--help shows no (or several) example for --format {fmt}"
+        assert "--output" in examples[0]
+    with pytest.raises(SystemExit):
+        run_data("convert", "--format", "folder", "--help")
+    assert "--labels LABELS, --masks LABELS" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- convert coco
 
 

@@ -44,14 +44,16 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Pa
     return path
 
 
-def convert(tmp_path: Path, *extra: str, fmt: str = "nifti", images=None, labels=None, out="shards") -> int:
+def convert(
+    tmp_path: Path, *extra: str, fmt: str = "nifti", images=None, labels=None, out="shards", flag="--labels"
+) -> int:
     return convert_main(
         [
             "--format",
             fmt,
             "--images",
             str(images or tmp_path / "images"),
-            "--labels",
+            flag,
             str(labels or tmp_path / "labels"),
             "--output",
             str(tmp_path / out),
@@ -94,11 +96,13 @@ def test_nifti_one_sample_per_labelled_slice_and_mask_per_component(tmp_path):
         assert streamed[key]["info"]["slice_index"] == sample["json"]["image"]["slice_index"]
 
 
-def test_without_connected_components_one_mask_per_label_id(tmp_path):
+@pytest.mark.parametrize("flag", ["--labels", "--masks"])
+def test_without_connected_components_one_mask_per_label_id(tmp_path, flag):
+    """One mask per label id; `--masks` (the folder format's word) is accepted as an alias of `--labels`."""
     volume, labels = make_case()
     write_nifti(tmp_path / "images" / "case_001.nii.gz", volume)
     write_nifti(tmp_path / "labels" / "case_001.nii.gz", labels)
-    assert convert(tmp_path, "--percentile", "1,99") == 0
+    assert convert(tmp_path, "--percentile", "1,99", flag=flag) == 0
     sample = read_shards(tmp_path / "shards")["case_001_z003"]
     assert [a["category_id"] for a in sample["json"]["annotations"]] == [1, 2]
     assert sample["json"]["image"]["intensity"]["percentile"] == [1.0, 99.0]
