@@ -21,6 +21,7 @@ from samlight.datamodules.tools.volumes import (  # noqa: E402
     slice_plane,
     to_uint8,
 )
+from tests._finetune import assert_finetune_recipe, printed_config  # noqa: E402
 from tests._shards import read_shards, stream_datamodule  # noqa: E402
 
 # An LPS-style affine (x and y flipped against RAS) so the converter has to reorient.
@@ -289,19 +290,8 @@ def test_dicom_series_sorted_by_position_with_lps_to_ras(tmp_path):
 def test_finetune_medical_config(capsys):
     """The shipped config starts from the official checkpoint with a frozen encoder, box + point prompts and the
     paper's loss in bf16."""
-    import yaml
-
-    from samlight.cli.main import main
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_medical.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--print_config"])
-    parsed = yaml.safe_load(capsys.readouterr().out)
+    parsed = printed_config("finetune_medical.yaml", capsys)
+    assert_finetune_recipe(parsed)
     model = parsed["model"]
-    assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
     assert model["freeze_image_encoder"] is True and model["lora"] is None
-    assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
-    loss = model["loss"]["init_args"]
-    assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)
-    assert parsed["trainer"]["precision"] == "bf16-mixed"
     assert parsed["data"]["class_path"].endswith("SA1BDataModule")

@@ -17,7 +17,6 @@ import numpy as np
 from samlight.datamodules.tools.convert import ConvertSummary, FormatAdapter, Sample, SkipInput
 from samlight.datamodules.tools.labels import label_annotations, label_masks
 from samlight.datamodules.tools.raster import (
-    Stretch,
     parse_bands,
     require_rasterio,
     same_grid,
@@ -78,18 +77,57 @@ class GeoTiffAdapter(FormatAdapter):
         ]
 
     def samples(self, item: tuple[Path, Path], summary: ConvertSummary) -> Iterator[Sample]:
+        """One sample per tile of one scene that carries a label; empty tiles are counted quietly (a large scene
+        has thousands). A scene whose label raster is on another grid raises RasterMismatch before the first
+        sample."""
+        rasterio = require_rasterio()
+        from rasterio.windows import Window
+
+        image_path, label_path = item
         args = self.args
-        yield from scene_samples(
-            summary,
-            image_path=item[0],
-            label_path=item[1],
-            bands=args.bands,
-            percentile=self.percentile,
-            tile_size=args.tile_size,
-            overlap=args.overlap,
-            label_mode=args.label_mode,
-            min_area=args.min_area,
-        )
+        with rasterio.open(image_path) as src, rasterio.open(label_path) as label_src:
+            problem = same_grid(src, label_src)
+            if problem:
+                raise RasterMismatch(f"scene {image_path} and label raster {label_path} differ: {problem}")
+            if label_src.count != 1:
+                raise RasterMismatch(f"{label_path}: label raster has {label_src.count} bands, expected 1")
+            bands = parse_bands(args.bands, src.count, image_path)
+            stretch = scene_stretch(src, bands, self.percentile)
+            scene = {
+                "source": str(image_path),
+                "label_source": str(label_path),
+                "crs": src.crs.to_wkt() if src.crs else None,
+            }
+            stem = image_path.name.split(".")[0]
+            for col, row, width, height in tile_windows(src.width, src.height, args.tile_size, args.overlap):
+                window = Window(col, row, width, height)
+                name = f"{stem}_r{row:05d}_c{col:05d}"
+                labels = read_labels(label_src, window)
+                if not labels.any():
+                    summary.skip("tile without labels", name, quiet=True)
+                    continue
+                data = src.read(bands, window=window)  # bands x H x W
+                valid = valid_mask(data, src.nodata)
+                if not valid.any():
+                    summary.skip("tile all nodata", name, quiet=True)
+                    continue
+                annotations = _tile_annotations(labels, args.label_mode, args.min_area, summary)
+                if not annotations:
+                    summary.skip("no mask above min area", name, quiet=True)
+                    continue
+                info = {
+                    **scene,
+                    "transform": list(src.window_transform(window))[:6],
+                    "scene_transform": list(src.transform)[:6],
+                    "window": [col, row, width, height],
+                    "scene_size": [src.height, src.width],
+                    "bands": bands,
+                    "stretch": {**stretch.describe(), "percentile": list(self.percentile)},
+                    "nodata": src.nodata,
+                    "nodata_fraction": float(1.0 - valid.mean()),
+                    "label_mode": args.label_mode,
+                }
+                yield Sample(name, stretch_to_uint8(data, stretch, valid), annotations, info)
 
 
 def read_labels(label_src: Any, window: Any) -> np.ndarray:
@@ -105,69 +143,6 @@ def read_labels(label_src: Any, window: Any) -> np.ndarray:
     if label_src.nodata is not None and np.isfinite(label_src.nodata):
         labels[raw == label_src.nodata] = 0  # an unlabelled area, not an object
     return labels
-
-
-def scene_samples(
-    summary: ConvertSummary,
-    *,
-    image_path: Path,
-    label_path: Path,
-    bands: str | None = None,
-    percentile: tuple[float, float] = (2.0, 98.0),
-    tile_size: int = 1024,
-    overlap: int = 128,
-    label_mode: str = "instances",
-    min_area: int = 1,
-) -> Iterator[Sample]:
-    """One sample per tile of one scene that carries a label; empty tiles are counted quietly (a large scene has
-    thousands).
-
-    Raises:
-        RasterMismatch (before the first sample) when scene and label raster are not on the same grid.
-    """
-    rasterio = require_rasterio()
-    from rasterio.windows import Window
-
-    with rasterio.open(image_path) as src, rasterio.open(label_path) as label_src:
-        problem = same_grid(src, label_src)
-        if problem:
-            raise RasterMismatch(f"scene {image_path} and label raster {label_path} differ: {problem}")
-        if label_src.count != 1:
-            raise RasterMismatch(f"{label_path}: label raster has {label_src.count} bands, expected 1")
-        band_list = parse_bands(bands, src.count, image_path)
-        stretch: Stretch = scene_stretch(src, band_list, percentile)
-        stem = image_path.name.split(".")[0]
-        for col, row, width, height in tile_windows(src.width, src.height, tile_size, overlap):
-            window = Window(col, row, width, height)
-            name = f"{stem}_r{row:05d}_c{col:05d}"
-            labels = read_labels(label_src, window)
-            if not labels.any():
-                summary.skip("tile without labels", name, quiet=True)
-                continue
-            data = src.read(band_list, window=window)  # bands x H x W
-            valid = valid_mask(data, src.nodata)
-            if not valid.any():
-                summary.skip("tile all nodata", name, quiet=True)
-                continue
-            annotations = _tile_annotations(labels, label_mode, min_area, summary)
-            if not annotations:
-                summary.skip("no mask above min area", name, quiet=True)
-                continue
-            info = {
-                "source": str(image_path),
-                "label_source": str(label_path),
-                "crs": src.crs.to_wkt() if src.crs else None,
-                "transform": list(src.window_transform(window))[:6],
-                "scene_transform": list(src.transform)[:6],
-                "window": [col, row, width, height],
-                "scene_size": [src.height, src.width],
-                "bands": band_list,
-                "stretch": {**stretch.describe(), "percentile": list(percentile)},
-                "nodata": src.nodata,
-                "nodata_fraction": float(1.0 - valid.mean()),
-                "label_mode": label_mode,
-            }
-            yield Sample(name, stretch_to_uint8(data, stretch, valid), annotations, info)
 
 
 def _tile_annotations(

@@ -19,16 +19,14 @@ from samlight.datamodules.tools.labels import label_annotations, label_masks
 from samlight.datamodules.tools.volumes import (
     SLICE_AXES,
     WINDOW_PRESETS,
-    Intensity,
     canonical,
     case_id,
     find_label,
     geometry_record,
+    intensity_from_options,
     intensity_range,
     list_nifti,
     nnunet_channel,
-    parse_percentile,
-    parse_window,
     read_dicom_series,
     slice_plane,
     to_uint8,
@@ -71,25 +69,47 @@ class VolumeAdapter(FormatAdapter):
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.intensity = intensity_from_args(args.window, args.percentile)
+        self.intensity = intensity_from_options(args.window, args.percentile)
 
     def samples(self, item: tuple[str, Path, Path], summary: ConvertSummary) -> Iterator[Sample]:
-        case, image_path, label_path = item
+        """One sample per labelled slice of one volume (sliced in RAS terms, whatever the file's orientation);
+        slices without a mask above --min-area are counted. A volume pair that does not cover the same voxels
+        raises VolumeMismatch before the first sample."""
         import nibabel as nib
 
-        args = self.args
-        yield from volume_samples(
-            summary,
-            image=self.load_image(image_path),
-            label=nib.load(label_path),
-            case=case,
-            image_path=image_path,
-            label_path=label_path,
-            axis=args.axis,
-            intensity=self.intensity,
-            connected_components=args.connected_components,
-            min_area=args.min_area,
-        )
+        case, image_path, label_path = item
+        image, label = self.load_image(image_path), nib.load(label_path)
+        check_pair(image, label, image_path, label_path)
+        canon_image = canonical(image)
+        labels = load_labels(canonical(label), label_path)  # X x Y x Z
+        if not labels.any():
+            summary.skip("empty label volume", str(label_path), "no voxel carries a label")
+            return
+        volume = canon_image.get_fdata(dtype=np.float32)
+        if volume.ndim == 4:
+            volume = volume[..., 0]
+        lo, hi = intensity_range(volume, self.intensity)
+        axis = self.args.axis
+        fixed, letter = SLICE_AXES[axis]
+        info = {
+            "source": str(image_path),
+            "label_source": str(label_path),
+            "case": case,
+            "slice_index": None,
+            **geometry_record(image, canon_image, axis),
+            "intensity": {**self.intensity.describe(), "range": [lo, hi]},
+        }
+        components = 4 if self.args.connected_components else None
+        for index in np.flatnonzero(labels.any(axis=tuple(i for i in range(3) if i != fixed))):
+            chunks = label_masks(slice_plane(labels, axis, int(index)), components=components)
+            annotations = label_annotations(chunks, min_area=self.args.min_area, field="category_id",
+                                            summary=summary, drop_reason="below min area")  # fmt: skip
+            if not annotations:
+                summary.skip("no mask above min area", f"{case} slice {index}")
+                continue
+            image_rgb = to_uint8(slice_plane(volume, axis, int(index)), lo, hi)
+            key = f"{case.replace('.', '-')}_{letter}{int(index):03d}"
+            yield Sample(key, image_rgb, annotations, {**info, "slice_index": int(index)})
 
     def load_image(self, path: Path) -> Any:
         import nibabel as nib
@@ -156,13 +176,6 @@ class DicomAdapter(VolumeAdapter):
             raise SkipInput("unreadable series", str(err)) from err
 
 
-def intensity_from_args(window: str | None, percentile: str | None) -> Intensity:
-    """`--window` wins when given; otherwise percentiles (default 0.5,99.5)."""
-    if window is not None:
-        return Intensity(window=parse_window(window))
-    return Intensity(percentile=parse_percentile(percentile or "0.5,99.5"))
-
-
 def load_labels(label_image: Any, path: Path) -> np.ndarray:
     """Integer label array of a (canonical) NIfTI label image; non-integer or negative values are an error."""
     raw = np.asanyarray(label_image.dataobj)
@@ -194,59 +207,3 @@ def check_pair(image: Any, label: Any, image_path: Path, label_path: Path) -> No
             f"image {image_path} and label {label_path} have different affines "
             f"(max difference {np.abs(image.affine - label.affine).max():.4g}); resample the label onto the image grid"
         )
-
-
-def volume_samples(
-    summary: ConvertSummary,
-    *,
-    image: Any,
-    label: Any,
-    case: str,
-    image_path: Path,
-    label_path: Path,
-    axis: str = "axial",
-    intensity: Intensity,
-    connected_components: bool = False,
-    min_area: int = 1,
-) -> Iterator[Sample]:
-    """One sample per labelled slice of one volume; slices without a mask above `min_area` are counted.
-
-    Args:
-        image, label: nibabel images on the same voxel grid (any orientation; sliced in RAS terms).
-    Raises:
-        VolumeMismatch (before the first sample) when the two do not cover the same voxels.
-    """
-    check_pair(image, label, image_path, label_path)
-    canon_image, canon_label = canonical(image), canonical(label)
-    labels = load_labels(canon_label, label_path)  # X x Y x Z
-    if not labels.any():
-        summary.skip("empty label volume", str(label_path), "no voxel carries a label")
-        return
-    volume = canon_image.get_fdata(dtype=np.float32)
-    if volume.ndim == 4:
-        volume = volume[..., 0]
-    lo, hi = intensity_range(volume, intensity)
-    fixed, letter = SLICE_AXES[axis]
-    other = tuple(i for i in range(3) if i != fixed)
-    geometry = geometry_record(image, canon_image, axis)
-    key_case = case.replace(".", "-")
-    for index in np.flatnonzero(labels.any(axis=other)):
-        chunks = label_masks(
-            slice_plane(labels, axis, int(index)), components=4 if connected_components else None
-        )
-        annotations = label_annotations(
-            chunks, min_area=min_area, field="category_id", summary=summary, drop_reason="below min area"
-        )
-        if not annotations:
-            summary.skip("no mask above min area", f"{case} slice {index}")
-            continue
-        info = {
-            "source": str(image_path),
-            "label_source": str(label_path),
-            "case": case,
-            "slice_index": int(index),
-            **geometry,
-            "intensity": {**intensity.describe(), "range": [lo, hi]},
-        }
-        image_rgb = to_uint8(slice_plane(volume, axis, int(index)), lo, hi)
-        yield Sample(f"{key_case}_{letter}{int(index):03d}", image_rgb, annotations, info)

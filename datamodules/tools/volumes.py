@@ -61,6 +61,18 @@ class Intensity:
         return Intensity(percentile=parse_percentile(record.get("percentile", (0.5, 99.5))))
 
 
+def intensity_from_options(
+    window: str | None, percentile: str | None, record: dict[str, Any] | None = None
+) -> Intensity:
+    """The intensity setting of `--window` (wins when given) or `--percentile`; without either, the `record`
+    stored by the converter (`Intensity.describe()`), else percentiles 0.5,99.5."""
+    if window is not None:
+        return Intensity(window=parse_window(window))
+    if percentile is not None:
+        return Intensity(percentile=parse_percentile(percentile))
+    return Intensity.from_record(record or {})
+
+
 def parse_window(value: str | list[float] | tuple[float, float]) -> tuple[float, float]:
     """A preset name (`soft-tissue`, `lung`, `bone`, `brain`) or `W,L` -> (width, level)."""
     if isinstance(value, (list, tuple)):

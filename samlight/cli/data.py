@@ -6,6 +6,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from samlight.cli.commands import command_line
+
 USAGE = """usage: samlight data <command> [options]
 
   convert --format folder|coco|nifti|dicom|geotiff --output DIR ...
@@ -26,9 +28,8 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `samlight data <command>`; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    args = command_line(argv, USAGE)
+    if args is None:
         return 0
     command, rest = args[0], args[1:]
     if command not in ("convert", "prepare", "inspect"):

@@ -17,6 +17,8 @@ import torch
 
 from samlight.inference import segment_medical, segment_satellite
 
+log = logging.getLogger("samlight.inference.segment")
+
 
 def load_predictor(ckpt: str, variant: str, device: str) -> Any:
     """SamPredictor around `build_sam(variant, checkpoint=ckpt)` (official .pth, Lightning .ckpt or safetensors)."""
@@ -89,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = load_predictor(args.ckpt, args.variant, args.device)
         with torch.inference_mode():
-            (segment_medical if is_volume else segment_satellite).run(args, predictor)
+            written = (segment_medical if is_volume else segment_satellite).run(args, predictor)
     except (ValueError, FileNotFoundError) as err:
         print(f"samlight segment: {err}", file=sys.stderr)
         return 1
+    log.info("wrote %s: %s", args.out, written)
     print(f"samlight segment: wrote {args.out}")
     return 0

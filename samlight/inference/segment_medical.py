@@ -15,8 +15,6 @@ nifti` writes, i.e. the RAS slice in radiological display: x = column, y = row):
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +26,15 @@ from samlight.inference.segment_prompts import (
     merge,
     parse_object,
     predict_logits,
+    read_prompt_file,
 )
-
-log = logging.getLogger("samlight.inference.segment")
 
 SUFFIXES = (".nii", ".nii.gz")
 
 
 def read_volume_prompts(path: Path) -> tuple[dict[str, Any], dict[int, list[ObjectPrompt]]]:
     """The prompt file of a volume -> (its header fields, slice index -> objects)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the prompt JSON: {err}") from err
+    record = read_prompt_file(path, "the prompt JSON")
     if not isinstance(record, dict) or not isinstance(record.get("slices"), dict):
         raise ValueError(f'{path}: expected {{"slices": {{"42": [[x0, y0, x1, y1], ...]}}, "axis": "axial"}}')
     slices: dict[int, list[ObjectPrompt]] = {}
@@ -138,21 +132,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     volume.add_argument("--window", default=None, help="CT window preset or W,L (default: prompt file)")
 
 
-def run(args: argparse.Namespace, predictor: Any) -> None:
-    """Segment the volume `args.input` with the prompts of `args.prompts` and write `args.out`."""
-    from samlight.datamodules.tools.volumes import Intensity, parse_percentile, parse_window
+def run(args: argparse.Namespace, predictor: Any) -> str:
+    """Segment the volume `args.input` with the prompts of `args.prompts` and write `args.out`; returns what was
+    written, in words."""
+    from samlight.datamodules.tools.volumes import intensity_from_options
 
     record, slices = read_volume_prompts(args.prompts)
     axis = args.axis or record.get("axis", "axial")
-    if args.window is not None:
-        intensity = Intensity(window=parse_window(args.window))
-    elif args.percentile is not None:
-        intensity = Intensity(percentile=parse_percentile(args.percentile))
-    else:
-        intensity = Intensity.from_record(record.get("intensity", {}))
+    intensity = intensity_from_options(args.window, args.percentile, record.get("intensity"))
     image = load_volume(args.input)
     labels = segment_volume(
         predictor, image, slices, axis=axis, intensity=intensity, threshold=mask_threshold(predictor)
     )
     write_label_volume(labels, image, args.out)
-    log.info("wrote %s: %d labelled voxels over %d slice(s)", args.out, int((labels > 0).sum()), len(slices))
+    return f"{int((labels > 0).sum())} labelled voxels over {len(slices)} slice(s)"

@@ -3,7 +3,9 @@ label image where the object is more confident than what is there. Shared by vol
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,14 @@ class ObjectPrompt:
             raise ValueError(
                 f"{self.where}: prompt spans x {x0:g}..{x1:g}, y {y0:g}..{y1:g}, outside the {width} x {height} image"
             )
+
+
+def read_prompt_file(path: Path, what: str) -> Any:
+    """The parsed JSON of a prompt file; a file that cannot be read or parsed is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read {what}: {err}") from err
 
 
 def parse_object(entry: Any, where: str) -> ObjectPrompt:

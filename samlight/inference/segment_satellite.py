@@ -11,8 +11,6 @@ both; `properties.label` is the value written (default 1). Coordinates are in th
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,8 @@ from samlight.inference.segment_prompts import (
     merge,
     parse_object,
     predict_logits,
+    read_prompt_file,
 )
-
-log = logging.getLogger("samlight.inference.segment")
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -70,10 +67,7 @@ def read_scene_prompts(path: Path, src: Any, prompts_crs: str | None) -> list[Ob
     from rasterio.crs import CRS
     from rasterio.warp import transform as warp
 
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the GeoJSON prompts: {err}") from err
+    record = read_prompt_file(path, "the GeoJSON prompts")
     features = record.get("features") if record.get("type") == "FeatureCollection" else [record]
     if not features:
         raise ValueError(f"{path}: no features; expected a GeoJSON FeatureCollection of points/polygons")
@@ -207,8 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, predictor: Any) -> None:
-    """Segment the scene `args.input` with the GeoJSON prompts of `args.prompts` and write `args.out`."""
+def run(args: argparse.Namespace, predictor: Any) -> str:
+    """Segment the scene `args.input` with the GeoJSON prompts of `args.prompts` and write `args.out`; returns what
+    was written, in words."""
     import rasterio
 
     from samlight.datamodules.tools.raster import parse_bands, scene_stretch
@@ -229,6 +224,4 @@ def run(args: argparse.Namespace, predictor: Any) -> None:
             threshold=mask_threshold(predictor),
         )
         write_label_raster(labels, src, args.out)
-    log.info(
-        "wrote %s: %d labelled pixels from %d object(s)", args.out, int((labels > 0).sum()), len(objects)
-    )
+    return f"{int((labels > 0).sum())} labelled pixels from {len(objects)} object(s)"
