@@ -20,14 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from samlight.inference.segment_prompts import (
-    ObjectPrompt,
-    mask_threshold,
-    merge,
-    parse_object,
-    predict_logits,
-    read_prompt_file,
-)
+from samlight.inference.segment_prompts import ObjectPrompt, parse_object, paste_objects, read_prompt_file
 
 SUFFIXES = (".nii", ".nii.gz")
 
@@ -67,7 +60,6 @@ def segment_volume(
     *,
     axis: str,
     intensity: Any,
-    threshold: float = 0.0,
 ) -> np.ndarray:
     """Label volume in the array layout of `image` (same shape), from prompts per slice.
 
@@ -98,11 +90,9 @@ def segment_volume(
         plane = to_uint8(slice_plane(volume, axis, index), lo, hi)  # H x W x 3
         for obj in objects:
             obj.check_inside(plane.shape[1], plane.shape[0])
-        predictor.set_image(plane)
         plane_labels = np.zeros(plane.shape[:2], dtype=np.uint16)
         best = np.full(plane.shape[:2], -np.inf, dtype=np.float32)
-        for obj in objects:
-            merge(plane_labels, best, predict_logits(predictor, obj), obj.label, threshold)
+        paste_objects(predictor, plane, objects, plane_labels, best)
         put_plane(labels, axis, index, plane_labels)
     return from_canonical(labels, image)
 
@@ -141,8 +131,6 @@ def run(args: argparse.Namespace, predictor: Any) -> str:
     axis = args.axis or record.get("axis", "axial")
     intensity = intensity_from_options(args.window, args.percentile, record.get("intensity"))
     image = load_volume(args.input)
-    labels = segment_volume(
-        predictor, image, slices, axis=axis, intensity=intensity, threshold=mask_threshold(predictor)
-    )
+    labels = segment_volume(predictor, image, slices, axis=axis, intensity=intensity)
     write_label_volume(labels, image, args.out)
     return f"{int((labels > 0).sum())} labelled voxels over {len(slices)} slice(s)"

@@ -123,3 +123,20 @@ def merge(labels: np.ndarray, best: np.ndarray, logits: np.ndarray, value: int, 
     wins = (logits > threshold) & (logits > best)
     labels[wins] = value
     best[wins] = logits[wins]
+
+
+def paste_objects(
+    predictor: Any, image: np.ndarray, objects: list[ObjectPrompt], labels: np.ndarray, best: np.ndarray
+) -> None:
+    """Set `image` in the predictor (one embedding for all `objects`) and paste each object into `labels`.
+
+    Args:
+        image: H x W x 3 uint8 RGB.
+        objects: prompts in the pixel frame of `image`.
+        labels, best: H x W views of the output and of the best logit so far (-inf where empty); logits are
+            compared in the dtype of `best`.
+    """
+    predictor.set_image(image)
+    threshold = mask_threshold(predictor)
+    for obj in objects:
+        merge(labels, best, predict_logits(predictor, obj).astype(best.dtype), obj.label, threshold)

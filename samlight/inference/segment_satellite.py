@@ -16,14 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from samlight.inference.segment_prompts import (
-    ObjectPrompt,
-    mask_threshold,
-    merge,
-    parse_object,
-    predict_logits,
-    read_prompt_file,
-)
+from samlight.inference.segment_prompts import ObjectPrompt, parse_object, paste_objects, read_prompt_file
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -140,7 +133,6 @@ def segment_scene(
     stretch: Any,
     tile: int = 1024,
     overlap: int = 128,
-    threshold: float = 0.0,
 ) -> np.ndarray:
     """H x W label raster of a scene: each object predicted in a tile around it and pasted back.
 
@@ -160,12 +152,13 @@ def segment_scene(
     best = np.full((src.height, src.width), -np.inf, dtype=np.float16)
     for (col, row, w, h), members in groups.items():
         data = src.read(bands, window=Window(col, row, w, h))  # bands x h x w
-        predictor.set_image(stretch_to_uint8(data, stretch, valid_mask(data, src.nodata)))
-        tile_labels = labels[row : row + h, col : col + w]
-        tile_best = best[row : row + h, col : col + w]
-        for obj in members:
-            logits = predict_logits(predictor, obj.shifted(col, row)).astype(np.float16)
-            merge(tile_labels, tile_best, logits, obj.label, threshold)
+        paste_objects(
+            predictor,
+            stretch_to_uint8(data, stretch, valid_mask(data, src.nodata)),
+            [obj.shifted(col, row) for obj in members],
+            labels[row : row + h, col : col + w],
+            best[row : row + h, col : col + w],
+        )
     return labels
 
 
@@ -221,7 +214,6 @@ def run(args: argparse.Namespace, predictor: Any) -> str:
             stretch=stretch,
             tile=args.tile_size,
             overlap=args.overlap,
-            threshold=mask_threshold(predictor),
         )
         write_label_raster(labels, src, args.out)
     return f"{int((labels > 0).sum())} labelled pixels from {len(objects)} object(s)"
