@@ -227,12 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """Entry point of `samlight data inspect`; returns the exit code (1 when no readable sample was found)."""
     args = parse_shard_args(build_parser(), argv)
-    urls = args.urls
     if args.overlays is not None:
         args.overlays.mkdir(parents=True, exist_ok=True)
     stats, summary, overlays = ShardStats(), ConvertSummary(), []
     seen = 0
-    bar = progress((s for url in urls for s in _counted(url, stats, summary)), desc="inspect")
+    bar = progress((s for url in args.urls for s in _counted(url, stats, summary)), desc="inspect")
     for sample in bar:
         record = inspect_sample(sample, stats, summary, decode=args.decode)
         if record is not None and args.overlays is not None and len(overlays) < args.num:
@@ -246,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     if report["images"] == 0:
-        print(f"samlight data inspect: no readable sample in {', '.join(urls[:5])}", file=sys.stderr)
+        print(f"samlight data inspect: no readable sample in {', '.join(args.urls[:5])}", file=sys.stderr)
         return 1
     return 0
 

@@ -209,12 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """Entry point of `samlight data prepare`; returns the exit code (1 when nothing was written)."""
     args = parse_shard_args(build_parser(), argv)
-    urls = args.urls
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = [
         (url, args.output, args.image_size, args.quality, name)
-        for url, name in zip(urls, _output_names(urls))
+        for url, name in zip(args.urls, _output_names(args.urls))
     ]
     total = ConvertSummary()
     if args.workers <= 1:
@@ -235,6 +234,6 @@ def main(argv: Sequence[str]) -> int:
     total.shards = [s for s in total.shards if s.exists()]
     print_summary(total, title="prepare")
     if total.images_written == 0:
-        print(f"samlight data prepare: no sample was written from {len(urls)} shard(s)", file=sys.stderr)
+        print(f"samlight data prepare: no sample was written from {len(args.urls)} shard(s)", file=sys.stderr)
         return 1
     return 0

@@ -180,24 +180,23 @@ def geometry_record(image: Any, canon: Any, axis: str) -> dict[str, Any]:
     }
 
 
-def case_id(path: str | os.PathLike) -> str:
-    """`case_001_0000.nii.gz` -> `case_001`: the name without NIfTI suffix and nnU-Net channel suffix."""
+def _stem(path: str | os.PathLike) -> str:
+    """The file name without its NIfTI suffix."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"_\d{4}$", "", name)
+            return name[: -len(suffix)]
+    return name
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """`case_001_0000.nii.gz` -> `case_001`: the name without NIfTI suffix and nnU-Net channel suffix."""
+    return re.sub(r"_\d{4}$", "", _stem(path))
 
 
 def nnunet_channel(path: str | os.PathLike) -> int | None:
     """The nnU-Net channel number of `case_0001.nii.gz` (1), or None when the name has no `_NNNN` suffix."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    match = re.search(r"_(\d{4})$", name)
+    match = re.search(r"_(\d{4})$", _stem(path))
     return int(match.group(1)) if match else None
 
 
