@@ -141,7 +141,7 @@ def test_convert_folder_binary_per_object_and_components(tmp_path: Path) -> None
 def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path, caplog) -> None:
     from argparse import Namespace
 
-    from samlight.datamodules.tools import convert_folder
+    from samlight.datamodules.tools import convert
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
@@ -158,11 +158,12 @@ def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path,
     Image.fromarray(tiny).save(masks / "tiny.png")
     Image.fromarray(good).save(masks / "orphan.png")
 
-    args = Namespace(images=images, masks=masks, output=tmp_path / "out", shard_size=2, max_shard_bytes=1 << 30,
-                     prefix="sa", quality=90, mask_mode="instance", mask_suffix="", connected_components=False,
-                     min_area=2, ignore_value=[], recursive=False)  # fmt: skip
+    args = Namespace(format="folder", images=images, labels=masks, output=tmp_path / "out", shard_size=2,
+                     max_shard_bytes=1 << 30, prefix="sa", quality=90, mask_mode="instance", mask_suffix="",
+                     connected_components=False, min_area=2, ignore_value=[], recursive=False,
+                     strict=False)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="samlight.datamodules"):
-        summary: ConvertSummary = convert_folder.run(args)
+        summary: ConvertSummary = convert.run(args)
     assert summary.images_written == 1 and summary.masks_written == 2
     assert summary.skipped == {
         "unmatched image": 1,
@@ -174,6 +175,44 @@ def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path,
     assert summary.masks_dropped == {"below --min-area": 1}
     for name in ("alone.png", "mismatch.png", "broken.png", "orphan.png"):
         assert name in caplog.text
+
+
+@pytest.mark.parametrize("flag", ["--labels", "--masks"])
+def test_convert_folder_takes_labels_or_its_alias_masks(tmp_path: Path, flag: str) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    Image.fromarray(np.full((16, 20, 3), 70, np.uint8)).save(images / "a.png")
+    labels = label_map(16, 20, [4, 9], np.uint8)
+    Image.fromarray(labels).save(masks / "a.png")
+    argv = ["convert", "--format", "folder", "--images", images, flag, masks, "--output", tmp_path / "out"]
+    assert run_data(*argv) == 0
+    record = read_shards(tmp_path / "out")["a"][1]
+    assert_same_masks(shard_masks(record), [labels == 4, labels == 9])
+
+
+def test_convert_folder_strict_stops_at_the_first_unreadable_image(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    (images / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(label_map(16, 16, [1], np.uint8)).save(masks / "broken.png")
+    argv = ["convert", "--format", "folder", "--images", images, "--labels", masks]
+    assert run_data(*argv, "--output", tmp_path / "lenient") == 1  # skipped and counted: nothing written
+    with pytest.raises(SystemExit, match=r"--format folder: .*broken\.png"):
+        run_data(*argv, "--output", tmp_path / "strict", "--strict")
+
+
+def test_convert_help_lists_every_format_with_an_example(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_data("convert", "--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for fmt in ("folder", "coco", "nifti", "dicom", "geotiff"):
+        examples = [line for line in text.splitlines() if f"samlight data convert --format {fmt} " in line]
+        assert len(examples) == 1, f"--help shows no (or several) example for --format {fmt}"
+        assert "--output" in examples[0]
+    with pytest.raises(SystemExit):
+        run_data("convert", "--format", "folder", "--help")
+    assert "--labels LABELS, --masks LABELS" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- convert coco

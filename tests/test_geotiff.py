@@ -14,6 +14,7 @@ from rasterio.windows import Window  # noqa: E402
 
 from samlight.datamodules.tools.convert import main as convert_main  # noqa: E402
 from samlight.datamodules.tools.raster import parse_bands, tile_starts, tile_windows  # noqa: E402
+from tests._finetune import assert_finetune_recipe, printed_config  # noqa: E402
 from tests._shards import read_shards, stream_datamodule  # noqa: E402
 
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
@@ -176,22 +177,12 @@ def test_band_and_tile_helpers():
 def test_finetune_satellite_config_builds_lora(capsys):
     """The shipped config parses (official checkpoint, LoRA, box + point prompts, the paper's loss, bf16), and its
     LoRA settings build on a tiny model as the CLI passes them (numbers as floats)."""
-    import yaml
-
     from samlight import SamModule
-    from samlight.cli.main import main
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_satellite.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--print_config"])
-    parsed = yaml.safe_load(capsys.readouterr().out)
+    parsed = printed_config("finetune_satellite.yaml", capsys)
+    assert_finetune_recipe(parsed)
     model = parsed["model"]
-    assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
     assert model["lora"]["r"] == 8 and model["freeze"] == []
-    assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
-    loss = model["loss"]["init_args"]
-    assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)
-    assert parsed["trainer"]["precision"] == "bf16-mixed"
     module = SamModule(variant="tiny", lora={k: float(v) for k, v in model["lora"].items()})
     trainable = {
         n.split(".lora_")[0] for n, p in module.model.image_encoder.named_parameters() if p.requires_grad

@@ -21,6 +21,7 @@ from samlight.datamodules.tools.volumes import (  # noqa: E402
     slice_plane,
     to_uint8,
 )
+from tests._finetune import assert_finetune_recipe, printed_config  # noqa: E402
 from tests._shards import read_shards, stream_datamodule  # noqa: E402
 
 # An LPS-style affine (x and y flipped against RAS) so the converter has to reorient.
@@ -44,14 +45,16 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Pa
     return path
 
 
-def convert(tmp_path: Path, *extra: str, fmt: str = "nifti", images=None, labels=None, out="shards") -> int:
+def convert(
+    tmp_path: Path, *extra: str, fmt: str = "nifti", images=None, labels=None, out="shards", flag="--labels"
+) -> int:
     return convert_main(
         [
             "--format",
             fmt,
             "--images",
             str(images or tmp_path / "images"),
-            "--labels",
+            flag,
             str(labels or tmp_path / "labels"),
             "--output",
             str(tmp_path / out),
@@ -94,11 +97,13 @@ def test_nifti_one_sample_per_labelled_slice_and_mask_per_component(tmp_path):
         assert streamed[key]["info"]["slice_index"] == sample["json"]["image"]["slice_index"]
 
 
-def test_without_connected_components_one_mask_per_label_id(tmp_path):
+@pytest.mark.parametrize("flag", ["--labels", "--masks"])
+def test_without_connected_components_one_mask_per_label_id(tmp_path, flag):
+    """One mask per label id; `--masks` (the folder format's word) is accepted as an alias of `--labels`."""
     volume, labels = make_case()
     write_nifti(tmp_path / "images" / "case_001.nii.gz", volume)
     write_nifti(tmp_path / "labels" / "case_001.nii.gz", labels)
-    assert convert(tmp_path, "--percentile", "1,99") == 0
+    assert convert(tmp_path, "--percentile", "1,99", flag=flag) == 0
     sample = read_shards(tmp_path / "shards")["case_001_z003"]
     assert [a["category_id"] for a in sample["json"]["annotations"]] == [1, 2]
     assert sample["json"]["image"]["intensity"]["percentile"] == [1.0, 99.0]
@@ -285,19 +290,8 @@ def test_dicom_series_sorted_by_position_with_lps_to_ras(tmp_path):
 def test_finetune_medical_config(capsys):
     """The shipped config starts from the official checkpoint with a frozen encoder, box + point prompts and the
     paper's loss in bf16."""
-    import yaml
-
-    from samlight.cli.main import main
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_medical.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--print_config"])
-    parsed = yaml.safe_load(capsys.readouterr().out)
+    parsed = printed_config("finetune_medical.yaml", capsys)
+    assert_finetune_recipe(parsed)
     model = parsed["model"]
-    assert model["variant"] == "vit_b" and model["checkpoint"].endswith("sam_vit_b_01ec64.pth")
     assert model["freeze"] == ["image_encoder"] and model["lora"] is None
-    assert {p["class_path"].rsplit(".", 1)[-1] for p in model["prompts"]} == {"BoxPrompt", "PointPrompt"}
-    loss = model["loss"]["init_args"]
-    assert (loss["focal_weight"], loss["dice_weight"], loss["iou_weight"]) == (20.0, 1.0, 1.0)
-    assert parsed["trainer"]["precision"] == "bf16-mixed"
     assert parsed["data"]["class_path"].endswith("SA1BDataModule")

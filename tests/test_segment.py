@@ -21,13 +21,9 @@ from rasterio.warp import transform as warp  # noqa: E402
 from samlight.cli.main import main as samlight_main  # noqa: E402
 from samlight.datamodules.tools.raster import Stretch  # noqa: E402
 from samlight.datamodules.tools.volumes import Intensity  # noqa: E402
-from samlight.inference.segment import (  # noqa: E402
-    read_scene_prompts,
-    read_volume_prompts,
-    segment_scene,
-    segment_volume,
-    write_label_volume,
-)
+from samlight.inference.segment_medical import read_volume_prompts, segment_volume, write_label_volume  # noqa: E402
+from samlight.inference.segment_prompts import parse_object  # noqa: E402
+from samlight.inference.segment_satellite import read_scene_prompts, segment_scene  # noqa: E402
 
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
@@ -194,8 +190,6 @@ def test_overlapping_objects_keep_the_more_confident(tmp_path):
             return logits * (5.0 if box[0] > 60 else 1.0), scores, None  # the second box is more confident
 
     with rasterio.open(path) as src:
-        from samlight.inference.segment import parse_object
-
         objects = [
             parse_object({"box": b, "label": i + 1}, "test")
             for i, b in enumerate([[20, 20, 90, 90], [70, 70, 110, 110]])

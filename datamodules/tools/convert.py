@@ -1,16 +1,10 @@
-"""`samlight data convert`: dispatch to one converter per source format, all writing SA-1B-format shards.
+"""`samlight data convert`: one conversion skeleton, and one small adapter per source format.
 
-A converter is a module listed in `FORMATS`, imported only when its format is asked for (so `--format folder`
-never needs nibabel or rasterio). It exposes two functions:
-
-    add_arguments(parser: argparse.ArgumentParser, fmt: str) -> None
-        add the format's own options; the dispatcher has already added the common ones
-        (`--format`, `--output`, `--shard-size`, `--max-shard-bytes`, `--prefix`, `--quality`), so do not add those.
-    run(args: argparse.Namespace) -> ConvertSummary
-        convert; open the writer with `open_writer(args)`, count every skipped input with
-        `summary.skip(reason, name)`, show a progress bar with `progress(...)`, and return the summary.
-
-The dispatcher prints the summary (`print_summary`) and turns it into the exit code.
+The skeleton (`run`) is written once: it asks the format's adapter for its inputs, writes the samples each input
+gives into SA-1B-format shards, skips and counts (by name) every input that cannot be converted, and returns the
+summary the dispatcher prints. An adapter is a `FormatAdapter` subclass named in `FORMATS`, imported only when its
+format is asked for (so `--format folder` never needs nibabel or rasterio). It says which inputs there are
+(`inputs`), which samples one input gives (`samples`), and what no input claimed (`finish`).
 """
 
 from __future__ import annotations
@@ -20,10 +14,13 @@ import importlib
 import logging
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 from samlight.datamodules.tools.shards import SA1BShardWriter
 
@@ -31,16 +28,54 @@ log = logging.getLogger("samlight.datamodules")
 
 T = TypeVar("T")
 
-FORMATS: dict[str, str] = {
-    "folder": "samlight.datamodules.tools.convert_folder",
-    "coco": "samlight.datamodules.tools.convert_coco",
-    "nifti": "samlight.datamodules.tools.convert_medical",
-    "dicom": "samlight.datamodules.tools.convert_medical",
-    "geotiff": "samlight.datamodules.tools.convert_geotiff",
-}
-
 # How many skipped names per reason the summary keeps (all are counted, and each is named in a log warning).
 MAX_NAMES_PER_REASON = 5
+
+
+@dataclass(frozen=True)
+class Format:
+    """One source format of `samlight data convert`.
+
+    Attributes:
+        adapter: "module:Class" of its `FormatAdapter`, imported only when the format is asked for.
+        example: one command line, shown by `samlight data convert --help`.
+        extra: the `samlight[extra]` that installs its readers, named when the import fails.
+    """
+
+    adapter: str
+    example: str
+    extra: str | None = None
+
+
+_TOOLS = "samlight.datamodules.tools"
+FORMATS: dict[str, Format] = {
+    "folder": Format(
+        f"{_TOOLS}.convert_folder:FolderAdapter",
+        "samlight data convert --format folder --images data/images --labels data/masks --output shards/",
+    ),
+    "coco": Format(
+        f"{_TOOLS}.convert_coco:CocoAdapter",
+        "samlight data convert --format coco --annotations instances_train2017.json --images train2017/ "
+        "--output shards/",
+    ),
+    "nifti": Format(
+        f"{_TOOLS}.convert_medical:NiftiAdapter",
+        "samlight data convert --format nifti --images imagesTr/ --labels labelsTr/ --window soft-tissue "
+        "--output shards/",
+        extra="medical",
+    ),
+    "dicom": Format(
+        f"{_TOOLS}.convert_medical:DicomAdapter",
+        "samlight data convert --format dicom --images series/ --labels labels/ --window lung --output shards/",
+        extra="medical",
+    ),
+    "geotiff": Format(
+        f"{_TOOLS}.convert_geotiff:GeoTiffAdapter",
+        "samlight data convert --format geotiff --images scenes/ --labels labels/ --tile-size 1024 "
+        "--output shards/",
+        extra="satellite",
+    ),
+}
 
 
 @dataclass
@@ -65,13 +100,21 @@ class ConvertSummary:
     shards: list[Path] = field(default_factory=list)
     elapsed: float = 0.0
 
-    def skip(self, reason: str, name: str, detail: str = "") -> None:
-        """Count one skipped input and name it in a warning (`detail` says what was wrong)."""
+    def skip(self, reason: str, name: str, detail: str = "", *, quiet: bool = False) -> None:
+        """Count one skipped input and name it in a warning (`detail` says what was wrong).
+
+        `quiet` logs at debug level instead, for routine skips that come by the thousand (empty tiles)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         names = self.skipped_names.setdefault(reason, [])
         if len(names) < MAX_NAMES_PER_REASON:
             names.append(name)
-        log.warning("skipped %s (%s)%s", name, reason, f": {detail}" if detail else "")
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "skipped %s (%s)%s",
+            name,
+            reason,
+            f": {detail}" if detail else "",
+        )
 
     def drop_masks(self, reason: str, count: int) -> None:
         """Count `count` masks left out of a written sample for `reason`."""
@@ -104,6 +147,16 @@ class ConvertSummary:
         return self
 
 
+def skipped_lines(skipped: dict[str, int], names: dict[str, list[str]]) -> list[str]:
+    """The summary's lines about skipped inputs: one per reason with its count and first names."""
+    lines = []
+    for reason, count in sorted(skipped.items()):
+        shown = names.get(reason, [])
+        more = " ..." if count > len(shown) else ""
+        lines.append(f"  skipped ({reason}): {count}  [{', '.join(shown)}{more}]")
+    return lines or ["  skipped: none"]
+
+
 def print_summary(summary: ConvertSummary, *, title: str = "convert", file=None) -> None:
     """Print a short human-readable summary of a conversion."""
     out = file or sys.stdout
@@ -118,12 +171,7 @@ def print_summary(summary: ConvertSummary, *, title: str = "convert", file=None)
         )
     for reason, count in sorted(summary.masks_dropped.items()):
         lines.append(f"  masks dropped ({reason}): {count}")
-    for reason, count in sorted(summary.skipped.items()):
-        names = ", ".join(summary.skipped_names.get(reason, []))
-        more = " ..." if count > len(summary.skipped_names.get(reason, [])) else ""
-        lines.append(f"  skipped ({reason}): {count}  [{names}{more}]")
-    if not summary.skipped:
-        lines.append("  skipped: none")
+    lines += skipped_lines(summary.skipped, summary.skipped_names)
     print("\n".join(lines), file=out)
 
 
@@ -136,8 +184,77 @@ def progress(
     return iter(tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5))
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every converter shares (the shard writer's)."""
+# ------------------------------------------------------------------------------------------- the skeleton
+
+
+class SkipInput(Exception):
+    """An input that cannot be converted (unreadable, sizes disagree, ...); `reason` is the summary's bucket.
+
+    The skeleton counts it under the input's name, or stops the run with `--strict`. An input that is merely
+    empty (no mask left) is counted with `summary.skip` instead and never stops a run."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample for the shard writer.
+
+    Attributes:
+        key: WebDataset sample key (no dot).
+        image: H x W x 3 uint8 RGB, or ready JPEG bytes (then `info` gives height and width).
+        annotations: SA-1B annotation dicts.
+        info: fields of the json "image" entry.
+    """
+
+    key: str
+    image: np.ndarray | bytes
+    annotations: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+class FormatAdapter(ABC):
+    """What one source format adds to the skeleton. Constructed from the parsed options.
+
+    Class attributes:
+        images_help, labels_help: help of the common `--images` and `--labels` (alias `--masks`) options;
+            `labels_help = None` when the format has no label files (COCO keeps its masks in the json).
+        desc: label of the progress bar over the inputs.
+    """
+
+    images_help: str = "images"
+    labels_help: str | None = None
+    desc: str = "convert"
+
+    @staticmethod
+    @abstractmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add the format's own options (the common ones are there already)."""
+
+    @abstractmethod
+    def inputs(self, summary: ConvertSummary) -> Sequence[tuple[str, Any]]:
+        """The inputs to convert, as (name used in skip messages, whatever `samples` needs). Inputs that cannot be
+        paired (an image without its label file) may be counted in `summary` here."""
+
+    @abstractmethod
+    def samples(self, item: Any, summary: ConvertSummary) -> Iterator[Sample]:
+        """The samples of one input. Raise `SkipInput` when the input is unusable; count skipped parts of it
+        (a slice, a tile, one mask file) and dropped masks in `summary`."""
+
+    def finish(self, summary: ConvertSummary) -> None:  # noqa: B027 - most formats leave nothing over
+        """Count what no input claimed (orphan masks, annotations of unknown images) after the last input."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, adapter: type[FormatAdapter]) -> None:
+    """Options every format shares: its inputs, the shard writer's options, `--min-area` and `--strict`."""
+    parser.add_argument("--images", required=True, type=Path, help=adapter.images_help)
+    if adapter.labels_help is not None:
+        parser.add_argument(
+            "--labels", "--masks", dest="labels", required=True, type=Path,
+            help=f"{adapter.labels_help} (--masks is an alias of --labels)",
+        )  # fmt: skip
     parser.add_argument(
         "--output", required=True, type=Path, help="directory for the SA-1B-format tar shards"
     )
@@ -154,6 +271,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quality", type=int, default=90, help="JPEG quality for re-encoded images (default 90)"
     )
+    parser.add_argument(
+        "--min-area", type=int, default=1, help="drop masks smaller than this many pixels (default 1)"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first input that cannot be converted instead of skipping and counting it",
+    )
 
 
 def open_writer(args: argparse.Namespace) -> SA1BShardWriter:
@@ -163,39 +288,72 @@ def open_writer(args: argparse.Namespace) -> SA1BShardWriter:
     )
 
 
-def build_parser(fmt: str | None) -> argparse.ArgumentParser:
-    """The `convert` parser; with `fmt` given it includes that format's own options."""
-    parser = argparse.ArgumentParser(
-        prog="samlight data convert",
-        description="Convert image/mask folders, COCO json, medical volumes or GeoTIFF scenes into "
-        "SA-1B-format tar shards (<key>.jpg + <key>.json with COCO RLE masks).",
-    )
-    parser.add_argument(
-        "--format",
-        required=True,
-        choices=sorted(FORMATS),
-        help="source format; `--format F --help` lists its options",
-    )
-    if fmt is not None:
-        add_common_arguments(parser)
-        load_format(fmt).add_arguments(parser, fmt)
-    return parser
+def run(args: argparse.Namespace) -> ConvertSummary:
+    """Convert the inputs of `args.format` into shards; returns the summary (the dispatcher prints it).
+
+    Bad options or inputs that make the whole run meaningless (a missing folder, an unknown window preset) end
+    it with a message naming them, not a traceback.
+    """
+    start = time.perf_counter()
+    summary = ConvertSummary()
+    prefix = f"samlight data convert --format {args.format}"
+    try:
+        adapter = load_format(args.format)(args)
+        inputs = adapter.inputs(summary)
+        with open_writer(args) as writer:
+            for name, item in progress(inputs, total=len(inputs), desc=adapter.desc):
+                try:
+                    for sample in adapter.samples(item, summary):
+                        writer.write(sample.key, sample.image, annotations=sample.annotations,
+                                     image_info=sample.info, quality=args.quality)  # fmt: skip
+                except SkipInput as err:
+                    if args.strict:
+                        raise SystemExit(f"{prefix}: {err}") from err
+                    summary.skip(err.reason, name, str(err))
+            adapter.finish(summary)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{prefix}: {err}") from err
+    return summary.finish(writer, start)
 
 
-def load_format(fmt: str):
-    """Import the converter module for `fmt`, with an error saying what to install when that fails."""
+def load_format(fmt: str) -> type[FormatAdapter]:
+    """Import the adapter class of `fmt`, with an error saying what to install when that fails."""
     if fmt not in FORMATS:
         raise SystemExit(
             f"samlight data convert: unknown --format {fmt!r}; choose from {', '.join(sorted(FORMATS))}"
         )
+    spec = FORMATS[fmt]
+    module, _, name = spec.adapter.partition(":")
     try:
-        return importlib.import_module(FORMATS[fmt])
+        return getattr(importlib.import_module(module), name)
     except ImportError as err:
-        extra = {"nifti": "medical", "dicom": "medical", "geotiff": "satellite"}.get(fmt)
-        hint = f" (install it with: pip install 'samlight[{extra}]')" if extra else ""
+        hint = f" (install it with: pip install 'samlight[{spec.extra}]')" if spec.extra else ""
         raise SystemExit(
-            f"samlight data convert --format {fmt}: cannot import {FORMATS[fmt]}: {err}{hint}"
+            f"samlight data convert --format {fmt}: cannot import {module}: {err}{hint}"
         ) from err
+
+
+def build_parser(fmt: str | None) -> argparse.ArgumentParser:
+    """The `convert` parser; with `fmt` given it includes that format's own options."""
+    examples = "\n".join(f"  {name:8s} {spec.example}" for name, spec in FORMATS.items())
+    parser = argparse.ArgumentParser(
+        prog="samlight data convert",
+        description="Convert image/mask folders, COCO json, medical volumes or GeoTIFF scenes into "
+        "SA-1B-format tar shards (<key>.jpg + <key>.json with COCO RLE masks).",
+        epilog=f"formats, one example each (`--format F --help` lists F's options):\n{examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=list(FORMATS),
+        help="source format; `--format F --help` lists its options",
+    )
+    if fmt is not None:
+        adapter = load_format(fmt)
+        add_common_arguments(parser, adapter)
+        adapter.add_arguments(parser)
+    return parser
 
 
 def main(argv: Sequence[str]) -> int:
@@ -203,12 +361,10 @@ def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     # The format decides which options exist, so it is parsed first; `--help` without a format shows the choices.
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--format", choices=sorted(FORMATS))
+    pre.add_argument("--format", choices=list(FORMATS))
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser(known.format)
-    args = parser.parse_args(argv)
-    module = load_format(args.format)
-    summary: ConvertSummary = module.run(args)
+    args = build_parser(known.format).parse_args(argv)
+    summary = run(args)
     print_summary(summary, title=f"convert --format {args.format}")
     if summary.images_written == 0:
         print("samlight data convert: no sample was written; see the skipped inputs above", file=sys.stderr)

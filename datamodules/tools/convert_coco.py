@@ -7,69 +7,73 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pycocotools import mask as mask_utils
 
 from samlight.datamodules.decode import rle_counts
-from samlight.datamodules.tools.convert import ConvertSummary, open_writer, progress
-from samlight.datamodules.tools.convert_folder import SkipInput, read_image, unique_key
+from samlight.datamodules.tools.convert import ConvertSummary, FormatAdapter, Sample, SkipInput
+from samlight.datamodules.tools.convert_folder import read_image, unique_key
 from samlight.datamodules.tools.shards import annotations_from_rles
 
 
-def add_arguments(parser: argparse.ArgumentParser, fmt: str) -> None:
-    parser.add_argument("--annotations", required=True, type=Path, help="COCO instances json file")
-    parser.add_argument(
-        "--images", required=True, type=Path, help="folder the json's file_name entries are under"
-    )
-    parser.add_argument(
-        "--crowd",
-        choices=("keep", "drop"),
-        default="keep",
-        help="crowd regions (iscrowd=1): keep them as masks flagged iscrowd=1, or drop them (default keep)",
-    )
-    parser.add_argument(
-        "--category-ids",
-        type=int,
-        nargs="+",
-        default=None,
-        help="keep only annotations of these category ids",
-    )
-    parser.add_argument(
-        "--min-area", type=int, default=1, help="drop masks smaller than this many pixels (default 1)"
-    )
+class CocoAdapter(FormatAdapter):
+    """A COCO instances json; one input per image entry."""
 
+    images_help = "folder the json's file_name entries are under"
+    desc = "convert coco"
 
-def run(args: argparse.Namespace) -> ConvertSummary:
-    """Convert the COCO json; see `add_arguments` for the options."""
-    start = time.perf_counter()
-    summary = ConvertSummary()
-    coco = _load_json(args.annotations)
-    by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for ann in coco.get("annotations", []):
-        by_image[ann.get("image_id")].append(ann)
-    categories = set(args.category_ids) if args.category_ids else None
-    used_keys: set[str] = set()
-    images = coco.get("images", [])
-    with open_writer(args) as writer:
-        for info in progress(images, total=len(images), desc="convert coco"):
-            name = str(info.get("file_name", info.get("id")))
-            try:
-                sample = _convert_image(info, by_image.get(info.get("id"), []), args, categories, summary)
-            except SkipInput as err:
-                summary.skip(err.reason, name, str(err))
-                continue
-            pixels, annotations, image_info = sample
-            key = unique_key(Path(name).with_suffix("").as_posix(), used_keys)
-            writer.write(key, pixels, annotations=annotations, image_info=image_info, quality=args.quality)
-    known = {info.get("id") for info in images}
-    orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in known)
-    if orphans:
-        summary.skip("annotations without image entry", str(args.annotations), f"{orphans} annotations")
-    return summary.finish(writer, start)
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--annotations", required=True, type=Path, help="COCO instances json file")
+        parser.add_argument(
+            "--crowd",
+            choices=("keep", "drop"),
+            default="keep",
+            help="crowd regions (iscrowd=1): keep them as masks flagged iscrowd=1, or drop them (default keep)",
+        )
+        parser.add_argument(
+            "--category-ids",
+            type=int,
+            nargs="+",
+            default=None,
+            help="keep only annotations of these category ids",
+        )
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.categories = set(args.category_ids) if args.category_ids else None
+        self.used_keys: set[str] = set()
+        self.by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        self.images: list[dict[str, Any]] = []
+
+    def inputs(self, summary: ConvertSummary) -> list[tuple[str, dict[str, Any]]]:
+        coco = _load_json(self.args.annotations)
+        for ann in coco.get("annotations", []):
+            self.by_image[ann.get("image_id")].append(ann)
+        self.images = coco.get("images", [])
+        return [(str(info.get("file_name", info.get("id"))), info) for info in self.images]
+
+    def samples(self, info: dict[str, Any], summary: ConvertSummary) -> Iterator[Sample]:
+        name = str(info.get("file_name", info.get("id")))
+        anns = self.by_image.get(info.get("id"), [])
+        pixels, annotations, image_info = _convert_image(info, anns, self.args, self.categories, summary)
+        if not annotations:
+            summary.skip("no annotations", name, f"{Path(name).name} has no usable annotation")
+            return
+        yield Sample(unique_key(Path(name).with_suffix("").as_posix(), self.used_keys), pixels, annotations,
+                     image_info)  # fmt: skip
+
+    def finish(self, summary: ConvertSummary) -> None:
+        known = {info.get("id") for info in self.images}
+        orphans = sum(len(anns) for image_id, anns in self.by_image.items() if image_id not in known)
+        if orphans:
+            summary.skip(
+                "annotations without image entry", str(self.args.annotations), f"{orphans} annotations"
+            )
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def _convert_image(
     categories: set[int] | None,
     summary: ConvertSummary,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
-    """One COCO image -> (JPEG bytes or H x W x 3 uint8 pixels, SA-1B annotations, json image info)."""
+    """One COCO image -> (JPEG bytes or H x W x 3 uint8 pixels, SA-1B annotations (maybe none), json image info)."""
     path = args.images / str(info.get("file_name", ""))
     if not path.is_file():
         raise SkipInput("missing image file", f"{path} does not exist")
@@ -118,8 +122,6 @@ def _convert_image(
             continue
         rles.append(rle)
         extra.append({"category_id": ann.get("category_id"), "iscrowd": crowd, "coco_id": ann.get("id")})
-    if not rles:
-        raise SkipInput("no annotations", f"{path.name} has no usable annotation")
     image_info = {k: v for k, v in info.items() if k not in ("file_name",)}
     image_info.update(
         source_file=str(info.get("file_name")), coco_image_id=info.get("id"), height=height, width=width

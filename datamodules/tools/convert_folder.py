@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,94 +16,87 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samlight.datamodules.tools.convert import ConvertSummary, open_writer, progress
-from samlight.datamodules.tools.shards import annotations_from_masks
+from samlight.datamodules.tools.convert import ConvertSummary, FormatAdapter, Sample, SkipInput
+from samlight.datamodules.tools.labels import MASK_CHUNK, label_annotations, label_masks, split_components
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
-# Label ids are turned into masks this many at a time, so a 16-bit map with thousands of objects never
-# materialises thousands of full-size masks at once.
-MASK_CHUNK = 64
 
 
-class SkipInput(Exception):
-    """An input that cannot be converted; `reason` is the summary's bucket."""
+class FolderAdapter(FormatAdapter):
+    """Images matched to label maps (or to folders of binary masks) by file stem."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def add_arguments(parser: argparse.ArgumentParser, fmt: str) -> None:
-    parser.add_argument("--images", required=True, type=Path, help="folder of images (jpg, png, tif, ...)")
-    parser.add_argument(
-        "--masks", required=True, type=Path, help="folder of masks, matched to images by file stem"
+    images_help = "folder of images (jpg, png, tif, ...)"
+    labels_help = (
+        "folder of masks matched to images by file stem: label maps masks/<stem>.png|tif, or with "
+        "--mask-mode binary-per-object one folder masks/<stem>/ of binary masks per image"
     )
-    parser.add_argument(
-        "--mask-mode",
-        choices=("instance", "binary-per-object"),
-        default="instance",
-        help="instance: masks/<stem>.png|tif is a label map (0 = background, each other id one object; 8/16 bit, "
-        "or RGB colours); binary-per-object: masks/<stem>/*.png, one binary mask per object (default instance)",
-    )
-    parser.add_argument(
-        "--mask-suffix",
-        default="",
-        help="text after the image stem in mask names, e.g. '_mask' for a.jpg <-> a_mask.png (default none)",
-    )
-    parser.add_argument(
-        "--connected-components",
-        action="store_true",
-        help="split every object into its connected components (for semantic label maps)",
-    )
-    parser.add_argument(
-        "--min-area", type=int, default=1, help="drop masks smaller than this many pixels (default 1)"
-    )
-    parser.add_argument(
-        "--ignore-value",
-        type=int,
-        action="append",
-        default=[],
-        help="label value treated as background, e.g. 255 for 'void' borders (repeatable)",
-    )
-    parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
+    desc = "convert folder"
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--mask-mode",
+            choices=("instance", "binary-per-object"),
+            default="instance",
+            help="instance: masks/<stem>.png|tif is a label map (0 = background, each other id one object; "
+            "8/16 bit, or RGB colours); binary-per-object: masks/<stem>/*.png, one binary mask per object "
+            "(default instance)",
+        )
+        parser.add_argument(
+            "--mask-suffix",
+            default="",
+            help="text after the image stem in mask names, e.g. '_mask' for a.jpg <-> a_mask.png (default none)",
+        )
+        parser.add_argument(
+            "--connected-components",
+            action="store_true",
+            help="split every object into its 8-connected components (for semantic label maps)",
+        )
+        parser.add_argument(
+            "--ignore-value",
+            type=int,
+            action="append",
+            default=[],
+            help="label value treated as background, e.g. 255 for 'void' borders (repeatable)",
+        )
+        parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
 
-def run(args: argparse.Namespace) -> ConvertSummary:
-    """Convert the folder pair; see `add_arguments` for the options."""
-    start = time.perf_counter()
-    summary = ConvertSummary()
-    if not args.images.is_dir():
-        raise SystemExit(f"--images {args.images}: not a directory")
-    if not args.masks.is_dir():
-        raise SystemExit(f"--masks {args.masks}: not a directory")
-    images = list_images(args.images, recursive=args.recursive)
-    if not images:
-        raise SystemExit(f"--images {args.images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    masks_by_stem = _index_masks(args.masks, args.mask_mode, args.mask_suffix)
-    used_keys: set[str] = set()
-    with open_writer(args) as writer:
-        for path in progress(images, total=len(images), desc="convert folder"):
-            stem = path.relative_to(args.images).with_suffix("").as_posix()
-            source = masks_by_stem.pop(stem, None)
-            if source is None:
-                summary.skip(
-                    "unmatched image", str(path), f"no mask named {stem}{args.mask_suffix}.* in {args.masks}"
-                )
-                continue
-            try:
-                pixels, annotations, info = _convert_one(path, source, args, summary)
-            except SkipInput as err:
-                summary.skip(err.reason, str(path), str(err))
-                continue
-            if not annotations:
-                summary.skip("no masks", str(path), "no object left after --min-area / --ignore-value")
-                continue
-            key = unique_key(stem, used_keys)
-            writer.write(key, pixels, annotations=annotations, image_info=info, quality=args.quality)
-    for stem, source in masks_by_stem.items():
-        summary.skip("unmatched mask", str(source), f"no image with stem {stem} in {args.images}")
-    return summary.finish(writer, start)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.used_keys: set[str] = set()
+        self.masks_by_stem: dict[str, Path] = {}
+
+    def inputs(self, summary: ConvertSummary) -> list[tuple[str, Path]]:
+        args = self.args
+        if not args.images.is_dir():
+            raise SystemExit(f"--images {args.images}: not a directory")
+        if not args.labels.is_dir():
+            raise SystemExit(f"--labels/--masks {args.labels}: not a directory")
+        images = list_images(args.images, recursive=args.recursive)
+        if not images:
+            raise SystemExit(f"--images {args.images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        self.masks_by_stem = _index_masks(args.labels, args.mask_mode, args.mask_suffix)
+        return [(str(path), path) for path in images]
+
+    def samples(self, path: Path, summary: ConvertSummary) -> Iterator[Sample]:
+        args = self.args
+        stem = path.relative_to(args.images).with_suffix("").as_posix()
+        source = self.masks_by_stem.pop(stem, None)
+        if source is None:
+            summary.skip(
+                "unmatched image", str(path), f"no mask named {stem}{args.mask_suffix}.* in {args.labels}"
+            )
+            return
+        image, annotations, info = _convert_one(path, source, args, summary)
+        if not annotations:
+            summary.skip("no masks", str(path), "no object left after --min-area / --ignore-value")
+            return
+        yield Sample(unique_key(stem, self.used_keys), image, annotations, info)
+
+    def finish(self, summary: ConvertSummary) -> None:
+        for stem, source in self.masks_by_stem.items():
+            summary.skip("unmatched mask", str(source), f"no image with stem {stem} in {self.args.images}")
 
 
 def list_images(root: Path, *, recursive: bool = False) -> list[Path]:
@@ -151,27 +143,21 @@ def _convert_one(
     be re-encoded; SA-1B annotations, each with the `instance_id` it came from; json image info)."""
     image, jpeg = read_image(image_path)
     height, width = image.shape[:2]
+    components = 8 if args.connected_components else None
     if args.mask_mode == "instance":
         labels = read_array(source)
         if labels.shape[:2] != (height, width):
             raise SkipInput(
                 "size mismatch", f"mask {source} is {labels.shape[:2]}, image is {(height, width)}"
             )
-        chunks = iter_instance_masks(
-            labels, connected_components=args.connected_components, ignore=tuple(args.ignore_value)
+        chunks = label_masks(
+            _flatten_label_colours(labels), components=components, ignore=tuple(args.ignore_value)
         )
     else:
-        chunks = _iter_binary_masks(source, (height, width), summary, args.connected_components)
-    annotations: list[dict[str, Any]] = []
-    # Chunk by chunk, so an image with thousands of objects never holds all its masks at full size.
-    for masks, ids in chunks:  # K x H x W bool, K label ids
-        keep = np.flatnonzero(masks.sum(axis=(1, 2)) >= args.min_area)
-        summary.drop_masks("below --min-area", masks.shape[0] - keep.size)
-        if keep.size:
-            chunk_annotations = annotations_from_masks(masks[keep], start_id=len(annotations))
-            for ann, index in zip(chunk_annotations, keep):
-                ann["instance_id"] = ids[index]
-            annotations.extend(chunk_annotations)
+        chunks = _iter_binary_masks(source, (height, width), summary, components)
+    annotations = label_annotations(
+        chunks, min_area=args.min_area, field="instance_id", summary=summary, drop_reason="below --min-area"
+    )
     info = {"source_file": image_path.name, "height": height, "width": width}
     return (jpeg if jpeg is not None else image), annotations, info
 
@@ -238,57 +224,6 @@ def to_rgb_uint8(array: np.ndarray, *, low: float = 1.0, high: float = 99.0) -> 
     return np.ascontiguousarray(array)
 
 
-def instance_masks(
-    labels: np.ndarray, *, connected_components: bool = False, ignore: tuple[int, ...] = ()
-) -> tuple[np.ndarray, list[int]]:
-    """Binary masks from an instance label map.
-
-    Args:
-        labels: H x W integer labels (0 = background), or H x W x C colour-coded labels (black = background).
-        connected_components: split each label into its 8-connected components.
-        ignore: label values treated as background.
-    Returns:
-        masks M x H x W bool, and the M label ids they came from (in increasing order).
-    """
-    chunks = list(iter_instance_masks(labels, connected_components=connected_components, ignore=ignore))
-    if not chunks:
-        flat = _flatten_label_colours(labels)
-        return np.zeros((0, *flat.shape), dtype=bool), []
-    return np.concatenate([m for m, _ in chunks]), [i for _, ids in chunks for i in ids]
-
-
-def iter_instance_masks(
-    labels: np.ndarray, *, connected_components: bool = False, ignore: tuple[int, ...] = ()
-) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """`instance_masks` in chunks of at most `MASK_CHUNK` labels: yields (K x H x W bool, K label ids)."""
-    labels = _flatten_label_colours(labels)
-    ids = [int(v) for v in np.unique(labels) if v != 0 and int(v) not in ignore]
-    for begin in range(0, len(ids), MASK_CHUNK):
-        block = np.asarray(ids[begin : begin + MASK_CHUNK], dtype=labels.dtype)
-        masks = labels[None] == block[:, None, None]  # K x H x W
-        if connected_components:
-            masks, owners = split_components(masks)
-            yield masks, [int(block[i]) for i in owners]
-        else:
-            yield masks, [int(v) for v in block]
-
-
-def split_components(masks: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Split each of M x H x W masks into 8-connected components. Returns (K x H x W, owner index per component)."""
-    from scipy import ndimage
-
-    parts, owners = [], []
-    structure = np.ones((3, 3), dtype=bool)
-    for i, mask in enumerate(masks):
-        components, count = ndimage.label(mask, structure=structure)
-        if count:
-            parts.append(components[None] == np.arange(1, count + 1, dtype=components.dtype)[:, None, None])
-            owners.extend([i] * count)
-    if not parts:
-        return np.zeros((0, *masks.shape[1:]), dtype=bool), []
-    return np.concatenate(parts), owners
-
-
 def _flatten_label_colours(labels: np.ndarray) -> np.ndarray:
     """H x W x C colour labels -> H x W int64 ids (one per colour; black stays 0); H x W passes through."""
     if labels.ndim == 2:
@@ -302,10 +237,11 @@ def _flatten_label_colours(labels: np.ndarray) -> np.ndarray:
 
 
 def _iter_binary_masks(
-    folder: Path, size: tuple[int, int], summary: ConvertSummary, connected_components: bool
+    folder: Path, size: tuple[int, int], summary: ConvertSummary, components: int | None
 ) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """One mask per file in `folder` (nonzero = object), in chunks: yields (K x H x W bool, K file indices).
-    Unreadable or mis-sized files are skipped and counted on their own."""
+    """One mask per file in `folder` (nonzero = object), in chunks: yields (K x H x W bool, K file indices), each
+    split into its `components`-connected parts when given. Unreadable or mis-sized files are skipped and counted
+    on their own."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
     masks, ids = [], []
     for index, path in enumerate(files):
@@ -322,14 +258,14 @@ def _iter_binary_masks(
         masks.append(colour > 0)
         ids.append(index)
         if len(masks) == MASK_CHUNK or index == len(files) - 1:
-            yield _components(np.stack(masks), ids, connected_components)
+            yield _split(np.stack(masks), ids, components)
             masks, ids = [], []
     if masks:
-        yield _components(np.stack(masks), ids, connected_components)
+        yield _split(np.stack(masks), ids, components)
 
 
-def _components(masks: np.ndarray, ids: list[int], split: bool) -> tuple[np.ndarray, list[int]]:
-    if not split:
+def _split(masks: np.ndarray, ids: list[int], components: int | None) -> tuple[np.ndarray, list[int]]:
+    if not components:
         return masks, ids
-    parts, owners = split_components(masks)
+    parts, owners = split_components(masks, components)
     return parts, [ids[i] for i in owners]

@@ -8,17 +8,15 @@ entry, and the scene-wide band stretch so `samlight segment` reproduces the same
 from __future__ import annotations
 
 import argparse
-import logging
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from samlight.datamodules.tools.convert import MAX_NAMES_PER_REASON, ConvertSummary, open_writer, progress
+from samlight.datamodules.tools.convert import ConvertSummary, FormatAdapter, Sample, SkipInput
+from samlight.datamodules.tools.labels import label_annotations, label_masks
 from samlight.datamodules.tools.raster import (
-    Stretch,
     parse_bands,
     require_rasterio,
     same_grid,
@@ -27,88 +25,109 @@ from samlight.datamodules.tools.raster import (
     tile_windows,
     valid_mask,
 )
-from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks
 from samlight.datamodules.tools.volumes import parse_percentile
-
-log = logging.getLogger("samlight.datamodules")
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
 
 
-class RasterMismatch(ValueError):
+class RasterMismatch(SkipInput):
     """A scene and its label raster are not on the same grid (CRS, size or transform differ)."""
 
-
-def add_arguments(parser: argparse.ArgumentParser, fmt: str) -> None:
-    """Options of `--format geotiff`."""
-    parser.add_argument("--images", required=True, type=Path, help="a GeoTIFF scene, or a folder of scenes")
-    parser.add_argument(
-        "--labels",
-        required=True,
-        type=Path,
-        help="the label raster of the scene, or a folder of label rasters with the scenes' file names",
-    )
-    parser.add_argument(
-        "--bands", default=None, help="1-based bands shown as R,G,B, e.g. 3,2,1 (default 1,2,3 or 1)"
-    )
-    parser.add_argument(
-        "--percentile",
-        default="2,98",
-        help="per-band LOW,HIGH percentiles over the scene's valid pixels mapped to 0 and 255 (default 2,98)",
-    )
-    parser.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (default 1024)")
-    parser.add_argument(
-        "--overlap", type=int, default=128, help="overlap between neighbouring tiles (default 128)"
-    )
-    parser.add_argument(
-        "--label-mode",
-        choices=("instances", "classes"),
-        default="instances",
-        help="instances: each label value is one object; classes: each value is a class, split into connected "
-        "components (category_id = class)",
-    )
-    parser.add_argument(
-        "--min-area", type=int, default=1, help="drop masks smaller than this many pixels (default 1)"
-    )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first bad scene instead of skipping and counting it",
-    )
+    def __init__(self, detail: str) -> None:
+        super().__init__("scene/label mismatch", detail)
 
 
-def count_quietly(summary: ConvertSummary, reason: str, name: str) -> None:
-    """Count a routine skip (an empty tile) without a warning per tile: a large scene has thousands."""
-    summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
-    names = summary.skipped_names.setdefault(reason, [])
-    if len(names) < MAX_NAMES_PER_REASON:
-        names.append(name)
-    log.debug("skipped %s (%s)", name, reason)
+class GeoTiffAdapter(FormatAdapter):
+    """`--format geotiff`: scenes with label rasters on the same grid, cut into overlapping tiles."""
 
+    images_help = "a GeoTIFF scene, or a folder of scenes"
+    labels_help = "the label raster of the scene, or a folder of label rasters with the scenes' file names"
+    desc = "scenes"
 
-def tile_masks(labels: np.ndarray, *, label_mode: str, min_area: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Binary masks of one label tile.
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--bands", default=None, help="1-based bands shown as R,G,B, e.g. 3,2,1 (default 1,2,3 or 1)"
+        )
+        parser.add_argument(
+            "--percentile",
+            default="2,98",
+            help="per-band LOW,HIGH percentiles over the scene's valid pixels mapped to 0 and 255 (default 2,98)",
+        )
+        parser.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (default 1024)")
+        parser.add_argument(
+            "--overlap", type=int, default=128, help="overlap between neighbouring tiles (default 128)"
+        )
+        parser.add_argument(
+            "--label-mode",
+            choices=("instances", "classes"),
+            default="instances",
+            help="instances: each label value is one object; classes: each value is a class, split into "
+            "4-connected components (category_id = class)",
+        )
 
-    Args:
-        labels: H x W integer labels (0 = background).
-    Returns:
-        masks M x H x W bool, category ids M (1 for instances, the class otherwise), masks dropped below min_area.
-    """
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if label_mode == "instances":
-        masks = labels[None] == ids[:, None, None]  # M x H x W
-        categories = np.ones(len(ids), dtype=np.int64)
-    else:
-        parts, cats = [], []
-        for class_id in ids:
-            components, count = ndimage.label(labels == class_id)
-            parts.append(components[None] == np.arange(1, count + 1)[:, None, None])  # count x H x W
-            cats.append(np.full(count, class_id, dtype=np.int64))
-        masks = np.concatenate(parts) if parts else np.zeros((0, *labels.shape), dtype=bool)
-        categories = np.concatenate(cats) if cats else np.zeros(0, dtype=np.int64)
-    keep = masks.reshape(len(masks), -1).sum(1) >= min_area
-    return masks[keep], categories[keep], int((~keep).sum())
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.percentile = parse_percentile(args.percentile)
+
+    def inputs(self, summary: ConvertSummary) -> list[tuple[str, tuple[Path, Path]]]:
+        return [
+            (image.name, (image, label))
+            for image, label in scene_pairs(self.args.images, self.args.labels, summary)
+        ]
+
+    def samples(self, item: tuple[Path, Path], summary: ConvertSummary) -> Iterator[Sample]:
+        """One sample per tile of one scene that carries a label; empty tiles are counted quietly (a large scene
+        has thousands). A scene whose label raster is on another grid raises RasterMismatch before the first
+        sample."""
+        rasterio = require_rasterio()
+        from rasterio.windows import Window
+
+        image_path, label_path = item
+        args = self.args
+        with rasterio.open(image_path) as src, rasterio.open(label_path) as label_src:
+            problem = same_grid(src, label_src)
+            if problem:
+                raise RasterMismatch(f"scene {image_path} and label raster {label_path} differ: {problem}")
+            if label_src.count != 1:
+                raise RasterMismatch(f"{label_path}: label raster has {label_src.count} bands, expected 1")
+            bands = parse_bands(args.bands, src.count, image_path)
+            stretch = scene_stretch(src, bands, self.percentile)
+            scene = {
+                "source": str(image_path),
+                "label_source": str(label_path),
+                "crs": src.crs.to_wkt() if src.crs else None,
+            }
+            stem = image_path.name.split(".")[0]
+            for col, row, width, height in tile_windows(src.width, src.height, args.tile_size, args.overlap):
+                window = Window(col, row, width, height)
+                name = f"{stem}_r{row:05d}_c{col:05d}"
+                labels = read_labels(label_src, window)
+                if not labels.any():
+                    summary.skip("tile without labels", name, quiet=True)
+                    continue
+                data = src.read(bands, window=window)  # bands x H x W
+                valid = valid_mask(data, src.nodata)
+                if not valid.any():
+                    summary.skip("tile all nodata", name, quiet=True)
+                    continue
+                annotations = _tile_annotations(labels, args.label_mode, args.min_area, summary)
+                if not annotations:
+                    summary.skip("no mask above min area", name, quiet=True)
+                    continue
+                info = {
+                    **scene,
+                    "transform": list(src.window_transform(window))[:6],
+                    "scene_transform": list(src.transform)[:6],
+                    "window": [col, row, width, height],
+                    "scene_size": [src.height, src.width],
+                    "bands": bands,
+                    "stretch": {**stretch.describe(), "percentile": list(self.percentile)},
+                    "nodata": src.nodata,
+                    "nodata_fraction": float(1.0 - valid.mean()),
+                    "label_mode": args.label_mode,
+                }
+                yield Sample(name, stretch_to_uint8(data, stretch, valid), annotations, info)
 
 
 def read_labels(label_src: Any, window: Any) -> np.ndarray:
@@ -126,77 +145,24 @@ def read_labels(label_src: Any, window: Any) -> np.ndarray:
     return labels
 
 
-def convert_scene(
-    writer: SA1BShardWriter,
-    summary: ConvertSummary,
-    *,
-    image_path: Path,
-    label_path: Path,
-    bands: str | None = None,
-    percentile: tuple[float, float] = (2.0, 98.0),
-    tile_size: int = 1024,
-    overlap: int = 128,
-    label_mode: str = "instances",
-    min_area: int = 1,
-    quality: int = 90,
-) -> int:
-    """Write one sample per tile of one scene that carries a label; returns the number of samples written."""
-    rasterio = require_rasterio()
-    from rasterio.windows import Window
-
-    with rasterio.open(image_path) as src, rasterio.open(label_path) as label_src:
-        problem = same_grid(src, label_src)
-        if problem:
-            raise RasterMismatch(f"scene {image_path} and label raster {label_path} differ: {problem}")
-        if label_src.count != 1:
-            raise RasterMismatch(f"{label_path}: label raster has {label_src.count} bands, expected 1")
-        band_list = parse_bands(bands, src.count, image_path)
-        stretch: Stretch = scene_stretch(src, band_list, percentile)
-        windows = tile_windows(src.width, src.height, tile_size, overlap)
-        stem = image_path.name.split(".")[0]
-        written = 0
-        for col, row, width, height in windows:
-            window = Window(col, row, width, height)
-            name = f"{stem}_r{row:05d}_c{col:05d}"
-            labels = read_labels(label_src, window)
-            if not labels.any():
-                count_quietly(summary, "tile without labels", name)
-                continue
-            data = src.read(band_list, window=window)  # bands x H x W
-            valid = valid_mask(data, src.nodata)
-            if not valid.any():
-                count_quietly(summary, "tile all nodata", name)
-                continue
-            masks, categories, dropped = tile_masks(labels, label_mode=label_mode, min_area=min_area)
-            summary.drop_masks("below min area", dropped)
-            if len(masks) == 0:
-                count_quietly(summary, "no mask above min area", name)
-                continue
-            annotations = annotations_from_masks(masks)
-            for ann, category in zip(annotations, categories):
-                ann["category_id"] = int(category)
-            info = {
-                "source": str(image_path),
-                "label_source": str(label_path),
-                "crs": src.crs.to_wkt() if src.crs else None,
-                "transform": list(src.window_transform(window))[:6],
-                "scene_transform": list(src.transform)[:6],
-                "window": [col, row, width, height],
-                "scene_size": [src.height, src.width],
-                "bands": band_list,
-                "stretch": {**stretch.describe(), "percentile": list(percentile)},
-                "nodata": src.nodata,
-                "nodata_fraction": float(1.0 - valid.mean()),
-                "label_mode": label_mode,
-            }
-            image = stretch_to_uint8(data, stretch, valid)
-            writer.write(name, image, annotations=annotations, image_info=info, quality=quality)
-            written += 1
-    return written
+def _tile_annotations(
+    labels: np.ndarray, label_mode: str, min_area: int, summary: ConvertSummary
+) -> list[dict[str, Any]]:
+    """Annotations of one H x W label tile: one mask per instance id (category_id 1), or one per 4-connected
+    component of each class (category_id = the class). Negative values are not ids: background."""
+    labels = np.where(labels > 0, labels, 0)
+    if label_mode == "instances":
+        chunks = ((masks, [1] * len(ids)) for masks, ids in label_masks(labels))
+    else:
+        chunks = label_masks(labels, components=4)
+    return label_annotations(
+        chunks, min_area=min_area, field="category_id", summary=summary, drop_reason="below min area"
+    )
 
 
 def scene_pairs(images: Path, labels: Path, summary: ConvertSummary) -> list[tuple[Path, Path]]:
     """(scene, label raster) pairs: one file each, or folders matched by file name."""
+    images, labels = Path(images), Path(labels)
     if images.is_file():
         if not labels.is_file():
             raise FileNotFoundError(f"{labels}: give the label raster of scene {images}")
@@ -211,49 +177,3 @@ def scene_pairs(images: Path, labels: Path, summary: ConvertSummary) -> list[tup
             continue
         pairs.append((path, label))
     return pairs
-
-
-def convert_geotiff(
-    *,
-    images: Path,
-    labels: Path,
-    writer: SA1BShardWriter,
-    summary: ConvertSummary,
-    strict: bool = False,
-    **options: Any,
-) -> ConvertSummary:
-    """Convert every scene with its label raster; `options` go to `convert_scene`."""
-    pairs = scene_pairs(Path(images), Path(labels), summary)
-    for image_path, label_path in progress(pairs, total=len(pairs), desc="scenes"):
-        try:
-            convert_scene(writer, summary, image_path=image_path, label_path=label_path, **options)
-        except RasterMismatch as err:
-            if strict:
-                raise
-            summary.skip("scene/label mismatch", image_path.name, str(err))
-    return summary
-
-
-def run(args: argparse.Namespace) -> ConvertSummary:
-    """`samlight data convert --format geotiff`."""
-    start = time.perf_counter()
-    summary = ConvertSummary()
-    with open_writer(args) as writer:
-        try:
-            convert_geotiff(
-                images=args.images,
-                labels=args.labels,
-                writer=writer,
-                summary=summary,
-                strict=args.strict,
-                bands=args.bands,
-                percentile=parse_percentile(args.percentile),
-                tile_size=args.tile_size,
-                overlap=args.overlap,
-                label_mode=args.label_mode,
-                min_area=args.min_area,
-                quality=args.quality,
-            )
-        except (ValueError, FileNotFoundError) as err:  # bad options or inputs: a message, not a traceback
-            raise SystemExit(f"samlight data convert --format geotiff: {err}") from err
-    return summary.finish(writer, start)

@@ -21,10 +21,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samlight.datamodules.decode import SampleError, decode_masks, parse_record, rle_counts
+from samlight.datamodules.decode import decode_masks
 from samlight.datamodules.sa1b_reader import RawSample
-from samlight.datamodules.tools.convert import ConvertSummary, progress
-from samlight.datamodules.tools.prepare import MAX_AREA_FRACTION, expand_urls, iter_samples, sample_name
+from samlight.datamodules.tools.convert import ConvertSummary, progress, skipped_lines
+from samlight.datamodules.tools.samples import (
+    MAX_AREA_FRACTION,
+    check_sample,
+    iter_samples,
+    mask_area,
+    parse_shard_args,
+    shard_tool_parser,
+)
 from samlight.modeling.transforms import get_preprocess_shape
 
 # Mask area as a fraction of the image: the histogram's bin edges (the last bin holds what training drops).
@@ -88,25 +95,11 @@ def inspect_sample(
     sample: RawSample, stats: ShardStats, summary: ConvertSummary, *, decode: bool
 ) -> dict[str, Any] | None:
     """Add one sample to `stats`; returns its json record, or None when the sample is broken (counted)."""
-    name = sample_name(sample)
-    try:
-        record = parse_record(sample.members["json"])
-    except SampleError as err:
-        summary.skip(err.reason, name, err.detail)
+    checked = check_sample(sample, summary, decode=decode)
+    if checked is None:
         return None
-    try:
-        with Image.open(io.BytesIO(sample.image)) as img:
-            width, height = img.size  # the header is enough to know the size
-            if decode:
-                img.load()
-    except Exception as err:  # any decoder error (OSError, SyntaxError, ...): the image is unusable
-        summary.skip("corrupt image", name, f"{type(err).__name__}: {err}")
-        return None
+    name, record, (height, width) = checked.name, checked.record, checked.size
     info = record.get("image") or {}
-    declared = (int(info.get("height", height)), int(info.get("width", width)))
-    if declared != (height, width):
-        summary.skip("size mismatch", name, f"json says {declared}, JPEG is {(height, width)}")
-        return None
     areas = []
     for i, ann in enumerate(record["annotations"]):
         area = _checked_area(ann, (height, width))
@@ -129,10 +122,7 @@ def inspect_sample(
 def _checked_area(ann: Any, size: tuple[int, int]) -> int | None:
     """Pixel area of an annotation's RLE, or None when it is not a valid RLE of an image of `size`."""
     try:
-        rle = ann["segmentation"]
-        if [int(v) for v in rle["size"]] != list(size):
-            return None
-        return int(rle_counts(rle)[1::2].sum())  # odd runs are the 1s; parsing validates the RLE
+        return mask_area(ann, size)
     except (TypeError, KeyError, ValueError):
         return None
 
@@ -208,24 +198,17 @@ def print_report(report: dict[str, Any], file=None) -> None:
     lines.append("  mask area histogram: " + ", ".join(f"{k}: {v}" for k, v in areas["histogram"].items()))
     lines.append(f"  masks covering >90% (dropped in training): {areas['over_90_percent']}")
     lines.append(f"  broken masks: {report['broken_masks']}")
-    for reason, count in sorted(report["skipped"].items()):
-        names = ", ".join(report["skipped_names"].get(reason, []))
-        lines.append(f"  skipped ({reason}): {count}  [{names}]")
-    if not report["skipped"]:
-        lines.append("  skipped: none")
+    lines += skipped_lines(report["skipped"], report["skipped_names"])
     if report.get("overlays"):
         lines.append(f"  overlays: {len(report['overlays'])} PNG(s) in {Path(report['overlays'][0]).parent}")
     print("\n".join(lines), file=out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="samlight data inspect",
-        description="Counts, image sizes, mask statistics and broken samples of SA-1B-format shards, "
+    parser = shard_tool_parser(
+        "inspect",
+        "Counts, image sizes, mask statistics and broken samples of SA-1B-format shards, "
         "and PNG overlays of a few samples.",
-    )
-    parser.add_argument(
-        "urls", nargs="+", help="shards: paths, brace patterns, globs, folders, or pipe: commands"
     )
     parser.add_argument(
         "--overlays", type=Path, default=None, help="write PNG overlays of the first samples here"
@@ -243,15 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of `samlight data inspect`; returns the exit code (1 when no readable sample was found)."""
-    args = build_parser().parse_args(list(argv))
-    urls = expand_urls(args.urls)
-    if not urls:
-        raise SystemExit(f"samlight data inspect: {' '.join(args.urls)} matches no shard")
+    args = parse_shard_args(build_parser(), argv)
     if args.overlays is not None:
         args.overlays.mkdir(parents=True, exist_ok=True)
     stats, summary, overlays = ShardStats(), ConvertSummary(), []
     seen = 0
-    bar = progress((s for url in urls for s in _counted(url, stats, summary)), desc="inspect")
+    bar = progress((s for url in args.urls for s in _counted(url, stats, summary)), desc="inspect")
     for sample in bar:
         record = inspect_sample(sample, stats, summary, decode=args.decode)
         if record is not None and args.overlays is not None and len(overlays) < args.num:
@@ -265,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     if report["images"] == 0:
-        print(f"samlight data inspect: no readable sample in {', '.join(urls[:5])}", file=sys.stderr)
+        print(f"samlight data inspect: no readable sample in {', '.join(args.urls[:5])}", file=sys.stderr)
         return 1
     return 0
 

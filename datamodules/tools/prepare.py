@@ -16,79 +16,42 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samlight.datamodules.decode import SampleError, decode_masks, parse_record, rle_counts
+from samlight.datamodules.decode import decode_masks
 from samlight.datamodules.sa1b_reader import RawSample
-from samlight.datamodules.sa1b_reader import iter_shard as _iter_shard
 from samlight.datamodules.tools.convert import ConvertSummary, print_summary, progress
+from samlight.datamodules.tools.samples import (
+    MAX_AREA_FRACTION,
+    PER_MASK_MEMBERS,
+    check_sample,
+    iter_samples,
+    mask_area,
+    parse_shard_args,
+    shard_tool_parser,
+)
 from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_rles, encode_jpeg
-from samlight.datamodules.urls import expand_urls as _expand_urls
 from samlight.modeling.transforms import resize_longest_image
 
-MAX_AREA_FRACTION = 0.9
 # Masks are decoded this many at a time: 16 masks at 1024 x 1024 are 16 MB.
 DECODE_CHUNK = 16
-# Per-mask members that `prepare` carries over (rows follow the kept annotations).
-PER_MASK_MEMBERS = ("clip.npy",)
-
-
-class _SummaryCounter:
-    """Adapts `ConvertSummary` to the reader's `SkipCounter` interface (`skip(reason, url, key, detail)`)."""
-
-    def __init__(self, summary: ConvertSummary) -> None:
-        self.summary = summary
-
-    def skip(self, reason: str, url: str, key: str | None, detail: str = "", *, shared: bool = False) -> None:
-        self.summary.skip(reason, url if key is None else f"{url}:{key}", detail)
-
-
-def expand_urls(specs: Sequence[str]) -> list[str]:
-    """Shard URLs from paths, brace patterns, globs, `pipe:` commands and folders (every `*.tar` inside)."""
-    patterns = [os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec for spec in specs]
-    try:
-        return _expand_urls(patterns)
-    except ValueError as err:
-        raise SystemExit(f"samlight data: {err}") from err
-
-
-def iter_samples(url: str, summary: ConvertSummary) -> Iterator[RawSample]:
-    """Every complete sample of one shard, whatever the member order; defects are counted in `summary`."""
-    return _iter_shard(url, _SummaryCounter(summary), optional=PER_MASK_MEMBERS)
-
-
-def sample_name(sample: RawSample) -> str:
-    return f"{sample.url}:{sample.key}"
 
 
 def prepare_sample(
     sample: RawSample, *, image_size: int, summary: ConvertSummary, quality: int = 90
 ) -> tuple[bytes, dict[str, Any], dict[str, bytes]] | None:
     """Resize one sample. Returns (JPEG bytes, json record, other members) or None when it was skipped (counted)."""
-    name = sample_name(sample)
-    try:
-        record = parse_record(sample.members["json"])
-    except SampleError as err:
-        summary.skip(err.reason, name, err.detail)
+    checked = check_sample(sample, summary, pixels=True)
+    if checked is None:
         return None
-    try:
-        with Image.open(io.BytesIO(sample.image)) as img:
-            image = np.asarray(img.convert("RGB"))
-    except Exception as err:  # any decoder error (OSError, SyntaxError, ...): the image is unusable
-        summary.skip("corrupt image", name, f"{type(err).__name__}: {err}")
-        return None
-    height, width = image.shape[:2]
+    name, record, image = checked.name, checked.record, checked.pixels
+    height, width = checked.size
     info = dict(record.get("image") or {})
-    declared = (int(info.get("height", height)), int(info.get("width", width)))
-    if declared != (height, width):
-        summary.skip("size mismatch", name, f"json says {declared}, JPEG is {(height, width)}")
-        return None
     anns, rows = _usable_annotations(record["annotations"], (height, width), name, summary)
     extras = _select_rows(
         {e: d for e, d in sample.members.items() if e in PER_MASK_MEMBERS}, rows, len(record["annotations"])
@@ -135,12 +98,7 @@ def _usable_annotations(
     kept, rows = [], []
     for i, ann in enumerate(anns):
         try:
-            rle = ann["segmentation"]
-            if [int(v) for v in rle["size"]] != [height, width]:
-                raise SampleError(
-                    "broken rle", f"mask size {rle['size']} differs from the image {[height, width]}"
-                )
-            area = int(rle_counts(rle)[1::2].sum())  # validates the runs (odd runs are the 1s)
+            area = mask_area(ann, size)
         except (TypeError, KeyError, ValueError) as err:
             summary.drop_masks("broken rle", 1)
             summary.skip("broken rle", f"{name} annotation {i}", str(err))
@@ -148,6 +106,7 @@ def _usable_annotations(
         if area > MAX_AREA_FRACTION * height * width:
             summary.drop_masks("covers >90% of the image", 1)
             continue
+        rle = ann["segmentation"]
         counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
         if isinstance(counts, list):  # uncompressed RLE: store the compressed string form SA-1B uses
             counts = mask_utils.frPyObjects(rle, height, width)["counts"].decode("ascii")
@@ -227,17 +186,12 @@ def _prepare_star(job: tuple) -> ConvertSummary:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="samlight data prepare",
-        description="Re-encode SA-1B-format shards at training resolution: longest side resized to --image-size "
-        "(as SamPredictor does), masks re-encoded as RLE at that size, masks covering >90%% of the image dropped. "
+    parser = shard_tool_parser(
+        "prepare",
+        "Re-encode SA-1B-format shards at training resolution: longest side resized to --image-size (as "
+        "SamPredictor does), masks re-encoded as RLE at that size, masks covering >90% of the image dropped. "
         "One output shard per input shard, with the same name.",
-    )
-    parser.add_argument(
         "--input",
-        required=True,
-        nargs="+",
-        help="shards: paths, brace patterns (sa_{000000..000999}.tar), globs, folders, or pipe: commands",
     )
     parser.add_argument("--output", required=True, type=Path, help="directory for the prepared shards")
     parser.add_argument(
@@ -254,20 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of `samlight data prepare`; returns the exit code (1 when nothing was written)."""
-    args = build_parser().parse_args(list(argv))
-    urls = expand_urls(args.input)
-    if not urls:
-        raise SystemExit(f"samlight data prepare: --input {' '.join(args.input)} matches no shard")
+    args = parse_shard_args(build_parser(), argv)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = [
         (url, args.output, args.image_size, args.quality, name)
-        for url, name in zip(urls, _output_names(urls))
+        for url, name in zip(args.urls, _output_names(args.urls))
     ]
     total = ConvertSummary()
     if args.workers <= 1:
-        for job in jobs:
-            url, output, image_size, quality, name = job
+        for url, output, image_size, quality, name in jobs:
             total.merge(
                 prepare_shard(url, output, image_size=image_size, quality=quality, name=name, bar=True)
             )
@@ -284,6 +234,6 @@ def main(argv: Sequence[str]) -> int:
     total.shards = [s for s in total.shards if s.exists()]
     print_summary(total, title="prepare")
     if total.images_written == 0:
-        print(f"samlight data prepare: no sample was written from {len(urls)} shard(s)", file=sys.stderr)
+        print(f"samlight data prepare: no sample was written from {len(args.urls)} shard(s)", file=sys.stderr)
         return 1
     return 0

@@ -61,6 +61,18 @@ class Intensity:
         return Intensity(percentile=parse_percentile(record.get("percentile", (0.5, 99.5))))
 
 
+def intensity_from_options(
+    window: str | None, percentile: str | None, record: dict[str, Any] | None = None
+) -> Intensity:
+    """The intensity setting of `--window` (wins when given) or `--percentile`; without either, the `record`
+    stored by the converter (`Intensity.describe()`), else percentiles 0.5,99.5."""
+    if window is not None:
+        return Intensity(window=parse_window(window))
+    if percentile is not None:
+        return Intensity(percentile=parse_percentile(percentile))
+    return Intensity.from_record(record or {})
+
+
 def parse_window(value: str | list[float] | tuple[float, float]) -> tuple[float, float]:
     """A preset name (`soft-tissue`, `lung`, `bone`, `brain`) or `W,L` -> (width, level)."""
     if isinstance(value, (list, tuple)):
@@ -168,24 +180,23 @@ def geometry_record(image: Any, canon: Any, axis: str) -> dict[str, Any]:
     }
 
 
-def case_id(path: str | os.PathLike) -> str:
-    """`case_001_0000.nii.gz` -> `case_001`: the name without NIfTI suffix and nnU-Net channel suffix."""
+def _stem(path: str | os.PathLike) -> str:
+    """The file name without its NIfTI suffix."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"_\d{4}$", "", name)
+            return name[: -len(suffix)]
+    return name
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """`case_001_0000.nii.gz` -> `case_001`: the name without NIfTI suffix and nnU-Net channel suffix."""
+    return re.sub(r"_\d{4}$", "", _stem(path))
 
 
 def nnunet_channel(path: str | os.PathLike) -> int | None:
     """The nnU-Net channel number of `case_0001.nii.gz` (1), or None when the name has no `_NNNN` suffix."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    match = re.search(r"_(\d{4})$", name)
+    match = re.search(r"_(\d{4})$", _stem(path))
     return int(match.group(1)) if match else None
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
+
+from samlight.cli.commands import command_line
 
 USAGE = """usage: samlight data <command> [options]
 
@@ -17,6 +20,14 @@ USAGE = """usage: samlight data <command> [options]
 """
 
 
+# command -> module whose `main(argv) -> int` runs it, imported only when that command runs
+COMMANDS = {
+    "convert": "samlight.datamodules.tools.convert",
+    "prepare": "samlight.datamodules.tools.prepare",
+    "inspect": "samlight.datamodules.tools.inspect",
+}
+
+
 def _setup_logging() -> None:
     # Warnings name each skipped input; show them once on stderr unless the caller configured logging already.
     root = logging.getLogger()
@@ -26,12 +37,11 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `samlight data <command>`; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    args = command_line(argv, USAGE)
+    if args is None:
         return 0
     command, rest = args[0], args[1:]
-    if command not in ("convert", "prepare", "inspect"):
+    if command not in COMMANDS:
         print(f"samlight data: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     _setup_logging()
@@ -39,17 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Warnings go through tqdm.write so they do not tear the progress bar apart.
     with logging_redirect_tqdm():
-        if command == "convert":
-            from samlight.datamodules.tools.convert import main as convert_main
-
-            return convert_main(rest)
-        if command == "prepare":
-            from samlight.datamodules.tools.prepare import main as prepare_main
-
-            return prepare_main(rest)
-        from samlight.datamodules.tools.inspect import main as inspect_main
-
-        return inspect_main(rest)
+        return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

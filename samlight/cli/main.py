@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from samlight.cli.commands import command_line
+
 USAGE = """usage: samlight <command> [options]
 
 training (LightningCLI; `samlight fit --help`, `--print_config`, several --config files merge):
@@ -27,9 +29,8 @@ TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    args = command_line(argv, USAGE)
+    if args is None:
         return 0
     command, rest = args[0], args[1:]
     if command in TRAIN_COMMANDS:
