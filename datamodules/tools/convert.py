@@ -281,13 +281,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, adapter: type[FormatAd
     )
 
 
-def open_writer(args: argparse.Namespace) -> SA1BShardWriter:
-    """The shard writer configured by the common options."""
-    return SA1BShardWriter(
-        args.output, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_shard_bytes
-    )
-
-
 def run(args: argparse.Namespace) -> ConvertSummary:
     """Convert the inputs of `args.format` into shards; returns the summary (the dispatcher prints it).
 
@@ -300,7 +293,9 @@ def run(args: argparse.Namespace) -> ConvertSummary:
     try:
         adapter = load_format(args.format)(args)
         inputs = adapter.inputs(summary)
-        with open_writer(args) as writer:
+        with SA1BShardWriter(
+            args.output, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_shard_bytes
+        ) as writer:
             for name, item in progress(inputs, total=len(inputs), desc=adapter.desc):
                 try:
                     for sample in adapter.samples(item, summary):

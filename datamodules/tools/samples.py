@@ -67,10 +67,6 @@ def iter_samples(url: str, summary: ConvertSummary) -> Iterator[RawSample]:
     return iter_shard(url, _SummaryCounter(summary), optional=PER_MASK_MEMBERS)
 
 
-def sample_name(sample: RawSample) -> str:
-    return f"{sample.url}:{sample.key}"
-
-
 @dataclass(frozen=True)
 class CheckedSample:
     """A sample whose json parsed and whose JPEG has the size the json declares.
@@ -93,7 +89,7 @@ def check_sample(
 ) -> CheckedSample | None:
     """Parse a sample's json and open its image (the header only unless `pixels` or `decode`); None when either
     is broken or their sizes differ (counted in `summary` under the sample's name)."""
-    name = sample_name(sample)
+    name = f"{sample.url}:{sample.key}"
     try:
         record = parse_record(sample.members["json"])
     except SampleError as err:
