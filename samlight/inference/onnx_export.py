@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -199,7 +200,9 @@ def _export(
     was_training = module.training
     module.eval()  # drop path and dropout off in the graph; the caller's mode is restored below
     try:
-        with torch.no_grad():
+        # Tracing warns at every Python-level shape check; the graph's dynamic axes are tested instead.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The TorchScript exporter (dynamo=False): it supports dynamic_axes, which the official interface
             # uses for the number of points, and needs no onnxscript.
             torch.onnx.export(
