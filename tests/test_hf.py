@@ -139,8 +139,15 @@ def test_build_sam_reads_hf_folder_and_weight_files(tmp_path):
     # A folder with the older torch pickle instead of safetensors, as some hub repos still ship.
     (tmp_path / "bin").mkdir()
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")  # large hub models come sharded
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     want = hf_to_official(hf.state_dict())
-    for source in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", tmp_path / "bin"):
+    for source in (
+        tmp_path / "hf",
+        tmp_path / "hf" / "model.safetensors",
+        tmp_path / "bin",
+        tmp_path / "sharded",
+    ):
         sam = build_sam("tiny", checkpoint=source)
         got = sam.state_dict()
         assert set(got) == set(want), source
@@ -161,6 +168,7 @@ def test_build_sam_reads_hf_folder_and_weight_files(tmp_path):
 
 
 def test_hf_checkpoint_errors_name_the_keys(tmp_path):
+    """Strict: a missing, an unknown, an inconsistent tied key, the wrong variant, a non-SAM config."""
     from safetensors.torch import save_file
 
     state = {k: v.clone() for k, v in _hf_tiny().state_dict().items()}  # the tied pair as two tensors
