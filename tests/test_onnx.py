@@ -216,6 +216,18 @@ def test_image_encoder_export(exported, capsys):
     with torch.no_grad():
         np.testing.assert_allclose(embeddings[1], sam.image_encoder(torch.from_numpy(flipped))[0], atol=1e-4)
 
+    # At another input size (a model fine-tuned at 128 px): timm resamples the position embedding at run time
+    # with an operator ONNX lacks, so the export resamples it once; the graph must still match the model.
+    argv = ["--ckpt", str(tmp / "sam.pth"), "--out", str(tmp / "enc128.onnx"), "--format", "onnx-encoder"]
+    assert export_main([*argv, "--image-size", "128"]) == 0
+    small = build_sam("tiny", image_size=128, checkpoint=tmp / "sam.pth").eval()
+    x = torch.randn(1, 3, 128, 128)
+    session = ort.InferenceSession(str(tmp / "enc128.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            session.run(None, {"image": x.numpy()})[0], small.image_encoder(x), atol=1e-4
+        )
+
 
 def test_quantized_decoder_at_official_sizes(tmp_path):
     """The decoder of every official variant (prompt dim 256, 8 heads, MLP 2048) quantised to uint8 weights:

@@ -31,7 +31,10 @@ def hf_config_kwargs(cfg: SamConfig) -> dict[str, dict]:
     variant's `encoder_img_size` (1024 for the official sizes), as the official .pth is.
     """
     if cfg.text_embed_dim:
-        raise ValueError("transformers' SamModel has no text prompts; build the model without text_embed_dim")
+        raise ValueError(
+            "the checkpoint has prompt_encoder.text_proj (text prompts, a samlight extension) and transformers' "
+            "SamModel has no text prompts; export it with --format pth, or remove the text_proj keys first"
+        )
     return {
         "vision_config": {
             "hidden_size": cfg.encoder_embed_dim,

@@ -170,8 +170,26 @@ def export_encoder(
     s = model.image_size
     dynamic = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}
     example = (torch.randn(1, 3, s, s),)
-    wrapper = SamOnnxEncoder(_cpu_float(model))
+    wrapper = SamOnnxEncoder(_static_pos_embed(_cpu_float(model)))
     return _export(wrapper, example, path, ("image",), ("image_embeddings",), dynamic, opset, quantize)
+
+
+def _static_pos_embed(model: Sam) -> Sam:
+    """At an input size other than the encoder's, a copy whose position embedding is already resampled.
+
+    timm resamples it at run time with antialiased bicubic interpolation, which ONNX has no operator for; the
+    same resampling done once here (timm's own function) gives the graph a plain parameter of the right size.
+    """
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    pos = model.image_encoder.pos_embed
+    grid = list(model.prompt_encoder.image_embedding_size)
+    if pos is None or list(pos.shape[1:3]) == grid:
+        return model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.image_encoder.pos_embed = nn.Parameter(resample_abs_pos_embed_nhwc(pos, grid))
+    return model
 
 
 def _cpu_float(model: Sam) -> Sam:
