@@ -2,7 +2,9 @@
 
 At each validation (and every `every_n_steps` training steps) a few fixed images are segmented interactively with
 `SamModule.interact` (the paper's evaluation clicks) and logged as W&B images with ground-truth and prediction mask
-layers, or written as PNG files under `<run dir>/panels/step_<k>/` when the run does not log to W&B.
+layers, as TensorBoard images (one three-tile sheet per image: ground truth | first prompt | last click) when a
+TensorBoardLogger is configured, and written as PNG files under `<run dir>/panels/step_<k>/` when the run does not
+log to W&B.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from samlight.callbacks.panel_render import Panel, denormalize, panel_png, panels_from_trace
@@ -134,6 +136,8 @@ class MaskPanels(Callback):
         wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_logger is not None:
             _log_wandb(wandb_logger, panels, step)
+        for tb_logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+            _log_tensorboard(tb_logger, panels, step)
         if wandb_logger is None or self.out_dir is not None:
             root = Path(self.out_dir) if self.out_dir is not None else run_dir(trainer) / "panels"
             _write_pngs(root / f"step_{step}", panels)
@@ -208,6 +212,18 @@ def _log_wandb(logger: WandbLogger, panels: list[Panel], step: int) -> None:
             masks=[_mask_layers(p, p.last) for p in rows],
             caption=[p.caption("last") for p in rows],
         )
+
+
+def _log_tensorboard(logger: TensorBoardLogger, panels: list[Panel], step: int) -> None:
+    """One image per panel, tag `panels/<prompt>/image<i>`: the PNG sheet (ground truth | first prompt | last
+    click, prompts and clicks drawn, mIoU in the captions), so TensorBoard's step slider shows it improve."""
+    writer = logger.experiment
+    for panel in panels:
+        sheet = np.asarray(panel_png(panel).convert("RGB"))  # H x W x 3 uint8
+        writer.add_image(
+            f"panels/{panel.prompt_name}/image{panel.image_index}", sheet, step, dataformats="HWC"
+        )
+    writer.flush()  # panels are few and large: on disk now, not at the writer's next periodic flush
 
 
 def _pad_to_common_size(panels: list[Panel]) -> list[Panel]:

@@ -82,18 +82,19 @@ class DashboardsCLIMixin:
             from samlight.callbacks.parameter_summary import ParameterSummary
 
             callbacks = [*callbacks, ParameterSummary()]
-        if _uses_wandb(config.get("logger")):
+        if _uses_chart_logger(config.get("logger")):
             from samlight.callbacks.click_curve import ClickCurve
 
             callbacks = [*callbacks, ClickCurve()]
         return super()._instantiate_trainer(config, callbacks)
 
 
-def _uses_wandb(logger: Any) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
+def _uses_chart_logger(logger: Any) -> bool:
+    """W&B or TensorBoard: the loggers ClickCurve draws its mIoU-vs-clicks chart on."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     loggers = logger if isinstance(logger, (list, tuple)) else [logger]
-    return any(isinstance(lg, WandbLogger) for lg in loggers)
+    return any(isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in loggers)
 
 
 def _config_files(argv: Sequence[str]) -> list[str]:

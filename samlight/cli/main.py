@@ -15,6 +15,7 @@ training (LightningCLI; `samlight fit --help`, `--print_config`, several --confi
 
 checkpoints:
   export --ckpt RUN.ckpt --out sam.pth     write the official segment_anything layout
+         [--format pth|hf|onnx|onnx-encoder] [--quantize]   or a transformers SamModel folder, or ONNX
 
 data (SA-1B-format tar shards):
   data convert --format folder|coco|nifti|dicom|geotiff ...

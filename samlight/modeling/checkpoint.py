@@ -1,4 +1,5 @@
-"""Reading and writing SAM weights: official .pth, Lightning .ckpt, safetensors, sharded dirs, official URLs.
+"""Reading and writing SAM weights: official .pth, Lightning .ckpt, safetensors, sharded dirs, official URLs,
+Hugging Face transformers SamModel folders.
 
 Every read uses `torch.load(..., map_location="cpu", weights_only=True)` or safetensors; every load into a model
 is strict, and a mismatch is an error naming the keys and the variant the file would fit.
@@ -6,6 +7,7 @@ is strict, and a mismatch is an error naming the keys and the variant the file w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from samlight.modeling.variants import VARIANTS
-from samlight.modeling.weight_names import SAM_PARTS, strip_sam_prefix, timm_to_official
+from samlight.modeling.weight_names import (
+    SAM_PARTS,
+    hf_to_official,
+    is_hf_sam,
+    strip_sam_prefix,
+    timm_to_official,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +42,10 @@ def load_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
     """Read SAM weights from any supported source and return them with official key names.
 
     Accepts an official .pth, a Lightning .ckpt (`state_dict` with a `model.` prefix), safetensors, a state dict
-    with `module.` / `model.` / `_orig_mod.` prefixes, a sharded distributed checkpoint directory, or an
-    http(s) URL (downloaded once into ~/.cache/samlight). Keys outside the SAM model of a training checkpoint
+    with `module.` / `model.` / `_orig_mod.` prefixes, a sharded distributed checkpoint directory, a Hugging Face
+    transformers `SamModel` folder (`save_pretrained` / hub layout: config.json + model.safetensors or
+    pytorch_model.bin, sharded or not) or one of its weight files, or an http(s) URL (downloaded once into
+    ~/.cache/samlight). Keys outside the SAM model of a training checkpoint
     (e.g. a loss buffer) are dropped; everything else is kept for a strict load.
     """
     source = str(path_or_url)
@@ -47,23 +57,63 @@ def load_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
             raise FileNotFoundError(
                 f"Checkpoint {source} does not exist; official weights: {', '.join(OFFICIAL_URLS.values())}"
             )
-    if path.is_dir():
+    if path.is_dir() and _is_hf_folder(path):
+        obj = _read_hf_folder(path)
+    elif path.is_dir():
         # Sharded (FSDP / distributed checkpoint) directory, consolidated by the scale-out code.
         from samlight.modeling.sharded_checkpoint import load_full_state_dict
 
         obj = load_full_state_dict(path)
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as e:
-            raise ValueError(
-                f"Could not read safetensors file {path}: {e}. Is it truncated or corrupted?"
-            ) from e
+        obj = _read_safetensors(path)
     else:
         obj = _torch_load(path)
     return normalize_state_dict(obj, source=str(path))
+
+
+_HF_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return any((path / name).exists() for name in _HF_WEIGHTS)
+
+
+def _read_hf_folder(path: Path) -> dict[str, Tensor]:
+    """The weights of a `SamModel.save_pretrained` folder, safetensors preferred; a sharded one is merged."""
+    config = path / "config.json"
+    if config.exists():
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type != "sam":
+            raise ValueError(
+                f"{config} says model_type {model_type!r}; samlight reads transformers SamModel folders "
+                "(model_type 'sam', e.g. facebook/sam-vit-base)"
+            )
+    name = next(n for n in _HF_WEIGHTS if (path / n).exists())
+    if not name.endswith(".index.json"):
+        return _read_safetensors(path / name) if name.endswith(".safetensors") else _torch_load(path / name)
+    index = path / name
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    merged: dict[str, Tensor] = {}
+    for shard in shards:
+        part = path / shard
+        if not part.exists():
+            raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {path}")
+        merged.update(_read_safetensors(part) if shard.endswith(".safetensors") else _torch_load(part))
+    return merged
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"Could not read safetensors file {path}: {e}. Is it truncated or corrupted?") from e
 
 
 def _torch_load(path: Path) -> object:
@@ -87,7 +137,8 @@ def normalize_state_dict(obj: object, *, source: str = "<state dict>") -> dict[s
     """Unwrap a loaded checkpoint object into a flat {official key: tensor} dict.
 
     Handles Lightning's {"state_dict": ...}, {"model": ...} / {"module": ...} wrappers, key prefixes such as
-    `model.`, `module.`, `_orig_mod.` (torch.compile) and timm-named image encoder keys.
+    `model.`, `module.`, `_orig_mod.` (torch.compile), timm-named image encoder keys and transformers `SamModel`
+    names (every one of those translated, or an error naming the rest).
     """
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
@@ -101,6 +152,8 @@ def normalize_state_dict(obj: object, *, source: str = "<state dict>") -> dict[s
             f"Checkpoint {source} is not a plain state dict: {len(not_tensors)} entries are not tensors "
             f"(e.g. {not_tensors[:5]})"
         )
+    if is_hf_sam(obj):
+        return hf_to_official(obj, source=source)
     return timm_to_official(strip_sam_prefix(dict(obj), source=source))
 
 

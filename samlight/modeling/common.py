@@ -19,7 +19,8 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: B x C x H x W -> B x C x H x W."""
         # F.layer_norm wants the normalised axis last; the permutes are views, so this costs one kernel.
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        # The shape comes from the weight, not from x: a traced (ONNX) graph then holds a constant there.
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 

@@ -2,7 +2,8 @@
 
 samlight's modules carry the official parameter names, so official checkpoints load with no renaming. The
 filters here handle the other sources: a `model.` / `module.` / `_orig_mod.` prefix, timm-named image-encoder
-keys (timm's `samvit_*` weights), and peft LoRA adapters folded back into plain weights.
+keys (timm's `samvit_*` weights), Hugging Face transformers `SamModel` keys (both directions), and peft LoRA
+adapters folded back into plain weights.
 """
 
 from __future__ import annotations
@@ -77,3 +78,137 @@ def merge_lora(state_dict: Mapping[str, Tensor], *, r: int = 8, alpha: float = 1
         name = key.replace("image_encoder.base_model.model.", "image_encoder.").replace(".base_layer.", ".")
         merged[name] = value
     return merged
+
+
+# -- Hugging Face transformers SamModel ---------------------------------------------------------------------
+# (official prefix, HF prefix) pairs; `#` stands for a block index. The first pair whose prefix matches a key
+# renames it, so the specific pairs come before the catch-all part renames. Each side is unique, which makes
+# the table its own inverse. Facts from transformers' modeling_sam.py (module names) and the SAM conversion.
+_HF_PAIRS = [
+    ("image_encoder.patch_embed.proj.", "vision_encoder.patch_embed.projection."),
+    ("image_encoder.blocks.#.norm", "vision_encoder.layers.#.layer_norm"),
+    ("image_encoder.blocks.#.", "vision_encoder.layers.#."),
+    ("image_encoder.neck.0.", "vision_encoder.neck.conv1."),
+    ("image_encoder.neck.1.", "vision_encoder.neck.layer_norm1."),
+    ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
+    ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
+    ("image_encoder.pos_embed", "vision_encoder.pos_embed"),
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("prompt_encoder.no_mask_embed.", "prompt_encoder.no_mask_embed."),
+    ("prompt_encoder.not_a_point_embed.", "prompt_encoder.not_a_point_embed."),
+    ("mask_decoder.transformer.layers.#.norm", "mask_decoder.transformer.layers.#.layer_norm"),
+    ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("mask_decoder.transformer.", "mask_decoder.transformer."),
+    ("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    # The 3-layer head MLPs: HF names the first and last layer proj_in / proj_out, the middle one layers.0.
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.0.", "mask_decoder.output_hypernetworks_mlps.#.proj_in."),
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.1.", "mask_decoder.output_hypernetworks_mlps.#.layers.0."),
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.2.", "mask_decoder.output_hypernetworks_mlps.#.proj_out."),
+    ("mask_decoder.iou_prediction_head.layers.0.", "mask_decoder.iou_prediction_head.proj_in."),
+    ("mask_decoder.iou_prediction_head.layers.1.", "mask_decoder.iou_prediction_head.layers.0."),
+    ("mask_decoder.iou_prediction_head.layers.2.", "mask_decoder.iou_prediction_head.proj_out."),
+    ("mask_decoder.iou_token.", "mask_decoder.iou_token."),
+    ("mask_decoder.mask_tokens.", "mask_decoder.mask_tokens."),
+]
+# SamModel ties the prompt encoder's copy of the Fourier matrix to `shared_image_embedding`; files written by
+# the conversion script carry both names, `save_pretrained` only the shared one.
+_HF_TIED_PE = "prompt_encoder.shared_embedding.positional_embedding"
+HF_PREFIXES = ("vision_encoder.", "prompt_encoder.", "mask_decoder.", "shared_image_embedding.")
+
+
+def _compile_prefix(template: str) -> re.Pattern[str]:
+    # re.escape turns "#" into "\#"; that escaped placeholder becomes a captured block index.
+    return re.compile("^" + re.escape(template).replace(r"\#", r"(\d+)"))
+
+
+def _prefix_rules(direction: int) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern, replacement template) for official->HF (direction 0) or HF->official (direction 1)."""
+    return [(_compile_prefix(pair[direction]), pair[1 - direction]) for pair in _HF_PAIRS]
+
+
+_TO_HF, _FROM_HF = _prefix_rules(0), _prefix_rules(1)
+
+
+def _rename_prefix(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    """The key renamed by the first rule whose prefix matches it, or None when no rule does."""
+    for pattern, template in rules:
+        match = pattern.match(key)
+        if match:
+            head = template
+            for index in match.groups():
+                head = head.replace("#", index, 1)
+            return head + key[match.end() :]
+    return None
+
+
+def is_hf_sam(state_dict: Mapping[str, Tensor]) -> bool:
+    """True for a transformers `SamModel` state dict (its encoder is `vision_encoder`, not `image_encoder`)."""
+    return any(k.startswith(("vision_encoder.", "shared_image_embedding.")) for k in state_dict)
+
+
+def hf_to_official(state_dict: Mapping[str, Tensor], *, source: str = "<state dict>") -> dict[str, Tensor]:
+    """Rename a transformers `SamModel` state dict to the official SAM names, every key accounted for.
+
+    The tied copy `prompt_encoder.shared_embedding.positional_embedding` must equal
+    `shared_image_embedding.positional_embedding` when both are present. Raises a ValueError naming any key that
+    has no official counterpart (e.g. a head added on top of SamModel) instead of dropping it.
+    """
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key == _HF_TIED_PE:
+            continue
+        name = _rename_prefix(key, _FROM_HF)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value
+    if unknown:
+        raise ValueError(
+            f"Checkpoint {source} (Hugging Face SamModel layout) has {len(unknown)} keys with no SAM counterpart: "
+            f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}; save the SamModel itself "
+            "(model.save_pretrained(dir)), not a model built around it"
+        )
+    tied = state_dict.get(_HF_TIED_PE)
+    official_pe = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    if tied is not None:
+        shared = out.get(official_pe)
+        if shared is None:
+            out[official_pe] = tied
+        elif shared.shape != tied.shape or not bool((shared == tied).all()):
+            raise ValueError(
+                f"Checkpoint {source}: {_HF_TIED_PE} and shared_image_embedding.positional_embedding differ; "
+                "SamModel ties them, so the file is inconsistent"
+            )
+    return out
+
+
+def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename official SAM keys to transformers `SamModel` names (the tied prompt-encoder copy included).
+
+    Raises a ValueError naming keys with no SamModel counterpart (e.g. samlight's `prompt_encoder.text_proj`).
+    """
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        name = _rename_prefix(key, _TO_HF)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} keys have no transformers SamModel counterpart: {unknown[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''} (SamModel has no text prompts: export without text_proj)"
+        )
+    if "shared_image_embedding.positional_embedding" in out:
+        out[_HF_TIED_PE] = out["shared_image_embedding.positional_embedding"]
+    return out
