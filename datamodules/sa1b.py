@@ -188,13 +188,17 @@ class SA1BDataModule(LightningDataModule):
     def _resume(self, dataset: SA1BDataset, saved: dict[str, Any], epoch: int) -> None:
         positions = saved["positions"]
         changed = {
-            k: (v, saved["layout"].get(k)) for k, v in self._stream_layout().items() if saved["layout"].get(k) != v
+            k: (v, saved["layout"].get(k))
+            for k, v in self._stream_layout().items()
+            if saved["layout"].get(k) != v
         }
         if changed or len(positions) != self.world_size:
             # Another layout reads another stream: continue with the pass after the furthest saved one, so no
             # sample of the interrupted pass is read twice by the same reader; the order is no longer the same.
             next_pass = 1 + max((p["pass"] for rank in positions for p in rank.values()), default=-1)
-            dataset.resume = {role: {"pass": next_pass, "index": 0} for role in range(max(1, self.num_workers))}
+            dataset.resume = {
+                role: {"pass": next_pass, "index": 0} for role in range(max(1, self.num_workers))
+            }
             log.warning(
                 "samlight data: the checkpoint's data stream was saved with %s (saved, now); it cannot be continued "
                 "exactly. Training continues with pass %d of the shards.",
@@ -204,7 +208,8 @@ class SA1BDataModule(LightningDataModule):
             return
         mine = {int(role): p for role, p in positions[self.rank].items()}
         done = sum(p["produced"] for p in mine.values() if p["epoch"] == epoch) // self.batch_size
-        if done >= self.train_batches_per_epoch():  # saved at the end of the epoch: the next one starts afresh
+        # Saved at the end of an epoch: the next one starts afresh.
+        if done >= self.train_batches_per_epoch():
             mine = {role: {**p, "epoch": -1} for role, p in mine.items()}
             done = 0
         dataset.resume = mine

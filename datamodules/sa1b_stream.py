@@ -142,10 +142,13 @@ class SA1BDataset(IterableDataset):
         batches = self.batches_per_epoch // num_workers + (role < self.batches_per_epoch % num_workers)
         done = (self.resume or {}).get(role, {})
         produced = done.get("produced", 0) if done.get("epoch") == epoch else 0
-        if produced >= batches * self.batch_size:  # more workers than batches, or this role finished the epoch
+        # More workers than batches, or this role already finished the (resumed) epoch.
+        if produced >= batches * self.batch_size:
             return
         for raw, position in self._stream:
-            rng = np.random.default_rng([self.seed, position["pass"], self._reader(role, num_workers), position["index"], 3])
+            rng = np.random.default_rng(
+                [self.seed, position["pass"], self._reader(role, num_workers), position["index"], 3]
+            )
             sample = self._decode(raw, self._counter, rng)
             if sample is None:
                 self._failures += 1
@@ -187,10 +190,10 @@ class SA1BDataset(IterableDataset):
         # Shard-level defects of a shard read by several readers are counted by the first of them only.
         self._counter.count_shared = offset == 0
         mixing = np.random.default_rng([self.seed, pass_index, reader, 1])
-        samples = _mixed(
-            (self._kept(self.urls[s], every, offset) for s in shards), self.open_shards, mixing
+        samples = _mixed((self._kept(self.urls[s], every, offset) for s in shards), self.open_shards, mixing)
+        return _shuffled(
+            samples, self.shuffle_buffer, np.random.default_rng([self.seed, pass_index, reader, 2])
         )
-        return _shuffled(samples, self.shuffle_buffer, np.random.default_rng([self.seed, pass_index, reader, 2]))
 
     def _kept(self, url: str, every: int, offset: int) -> Iterator[RawSample]:
         samples = iter_shard(url, self._counter, required_extra=self._required_extra())
@@ -250,7 +253,9 @@ class SA1BDataset(IterableDataset):
         return f"SA1BDataset: no usable sample: {why}. URLs: {shown}. Skipped so far: {skipped}"
 
 
-def pass_plan(num_shards: int, reader: int, readers: int, seed: int, pass_index: int) -> tuple[list[int], int, int]:
+def pass_plan(
+    num_shards: int, reader: int, readers: int, seed: int, pass_index: int
+) -> tuple[list[int], int, int]:
     """Which shards reader `reader` of `readers` reads in pass `pass_index`, and which of their samples.
 
     Returns:
@@ -334,7 +339,10 @@ class SA1BLoader(DataLoader):
         if self._epochs == 0 or not dataset.role_offset:
             return
         dataset.role_offset = 0
-        dataset.resume = {**(dataset.resume or {}), **{role: dict(pos) for role, pos in self.delivered.items()}}
+        dataset.resume = {
+            **(dataset.resume or {}),
+            **{role: dict(pos) for role, pos in self.delivered.items()},
+        }
         dataset.start_epoch += self._epochs
         dataset._iterations = 0
         self._epochs = 0

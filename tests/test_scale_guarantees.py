@@ -39,8 +39,9 @@ def train_loader(urls, rank: int, *, batches: int, workers: int = WORKERS, **kw)
         urls=urls, training=True, image_size=32, rank=rank, world_size=RANKS, batch_size=2,
         batches_per_epoch=batches, max_masks=2, **kw,
     )  # fmt: skip
-    return SA1BLoader(dataset, batch_size=2, num_workers=workers, collate_fn=collate_samples,
-                     persistent_workers=workers > 0)
+    return SA1BLoader(
+        dataset, batch_size=2, num_workers=workers, collate_fn=collate_samples, persistent_workers=workers > 0
+    )
 
 
 def epoch_keys(loader) -> list[str]:
@@ -147,7 +148,9 @@ def _raising_decode(error: Exception, key: str):
 
 def test_a_code_bug_in_decoding_propagates_with_its_traceback(tmp_path, monkeypatch):
     urls = write_shards(tmp_path, 4, 4)
-    monkeypatch.setattr(sa1b_stream, "decode_sa1b_sample", _raising_decode(TypeError("bug in user code"), "img_001"))
+    monkeypatch.setattr(
+        sa1b_stream, "decode_sa1b_sample", _raising_decode(TypeError("bug in user code"), "img_001")
+    )
     for training in (True, False):
         dataset = SA1BDataset(urls=urls, training=training, image_size=32, batch_size=1, batches_per_epoch=4)
         with pytest.raises(TypeError, match="bug in user code"):
