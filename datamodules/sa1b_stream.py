@@ -23,6 +23,7 @@ one (rank, worker) pair, R*W of them, reader r * W + w:
 from __future__ import annotations
 
 import itertools
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -316,6 +317,8 @@ class SA1BLoader(DataLoader):
     """
 
     def __init__(self, dataset: SA1BDataset, *, skip_counts: Counter | None = None, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("worker_init_fn", ignore_sigint)
         super().__init__(dataset, **kwargs)
         self.skip_counts = Counter() if skip_counts is None else skip_counts
         self.delivered: dict[int, dict[str, int]] = {}  # role -> last stream position handed out
@@ -368,6 +371,12 @@ class SA1BLoader(DataLoader):
                 f"{self.dataset.world_size}). Skipped: {dict(self.skip_counts) or 'nothing'}. Check the paths "
                 "and the warnings above (logger 'samlight.data')."
             )
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C in a terminal reaches the workers too; the main process handles it
+    (a graceful stop that saves a checkpoint), so a worker must not die of it and break the last step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _distributed() -> bool:

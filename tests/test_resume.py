@@ -215,3 +215,29 @@ def test_fsdp_validation_over_an_odd_number_of_images_finishes_and_counts_each_o
     real = sorted(k for r in val if not r["padding"] for k in r["keys"])
     assert real == ["val_0", "val_1", "val_2"]
     assert sum(r["padding"] for r in val) == 1
+
+
+def test_sharded_swap_has_no_moment_without_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A kill between the renames of a sharded swap must still leave a complete `last.ckpt`."""
+    from samlight.scale.strategy import _swap_in
+
+    target, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
+    target.mkdir()
+    (target / "old").write_text("1")
+    new.mkdir()
+    (new / "fresh").write_text("2")
+    real_rename = Path.rename
+    renames = []
+
+    def rename_then_die(self: Path, destination):
+        renames.append((self.name, Path(destination).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", rename_then_die)
+    try:
+        _swap_in(new, target)
+    except KeyboardInterrupt:
+        pass
+    assert target.is_dir() and ((target / "fresh").exists() or (target / "old").exists()), renames

@@ -211,3 +211,23 @@ def test_the_loss_reaches_the_progress_bar_only_at_logging_steps(tmp_path: Path)
     values = sorted(set(shown.values()))
     assert 1 <= len(values) <= 2, shown  # updated at steps 3 and 6 only, not at every step
     assert all(isinstance(v, str) for v in values)
+
+
+@pytest.mark.parametrize("config", ["quickstart.yaml", "sa1b_vit_b.yaml", "finetune_medical.yaml"])
+def test_every_config_writes_atomically_and_saves_when_the_run_ends(config: str, tmp_path: Path) -> None:
+    from lightning.pytorch import LightningDataModule
+
+    from samlight.callbacks.preemption import PreemptionCheckpoint
+    from samlight.cli.train import SamlightCLI
+    from samlight.scale.checkpoint_io import AtomicCheckpointIO
+    from samlight.training.module import SamModule
+
+    args = [
+        "--config", str(QUICKSTART.parent / config),
+        "--model.variant=tiny", "--model.checkpoint=null", "--model.model_overrides={}",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+    ]  # fmt: skip
+    cli = SamlightCLI(SamModule, LightningDataModule, subclass_mode_data=True, args=args, run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sum(isinstance(c, PreemptionCheckpoint) for c in cli.trainer.callbacks) == 1
