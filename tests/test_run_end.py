@@ -231,3 +231,22 @@ def test_every_config_writes_atomically_and_saves_when_the_run_ends(config: str,
     cli = SamlightCLI(SamModule, LightningDataModule, subclass_mode_data=True, args=args, run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sum(isinstance(c, PreemptionCheckpoint) for c in cli.trainer.callbacks) == 1
+
+
+def test_start_weights_are_deferred_while_restoring_and_loaded_when_nothing_is_restored(
+    tmp_path: Path,
+) -> None:
+    from samlight.training.module import SamModule, initial_weights_deferred
+
+    start = tmp_path / "start.pth"
+    reference = build_sam("tiny")
+    save_official(reference, start)
+    key = "mask_decoder.iou_token.weight"
+    with initial_weights_deferred():
+        module = SamModule(variant="tiny", checkpoint=str(start))
+    assert not torch.equal(module.model.state_dict()[key], reference.state_dict()[key])
+    module.load_start_weights()  # e.g. `--ckpt_path last` on a first run: nothing to restore
+    assert torch.equal(module.model.state_dict()[key], reference.state_dict()[key])
+    assert torch.equal(
+        SamModule(variant="tiny", checkpoint=str(start)).model.state_dict()[key], reference.state_dict()[key]
+    )

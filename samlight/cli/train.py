@@ -54,9 +54,10 @@ class SamlightCLI(DashboardsCLIMixin, LightningCLI):
         from samlight.training.module import initial_weights_deferred
 
         config = self.config.get(str(self.subcommand), self.config)
-        # A run restored from a checkpoint gets its weights from it: the start weights (model.checkpoint) are
-        # loaded later only if nothing is restored (see SamModule.setup).
-        if self.subcommand is not None and config.get("ckpt_path"):
+        ckpt_path = config.get("ckpt_path") if self.subcommand is not None else None
+        # A run restored from a checkpoint gets its weights from it: the start weights (model.checkpoint) are not
+        # read. `fit` resolves "last" itself and loads them if there is nothing to restore (see `fit`).
+        if ckpt_path and (self.subcommand == "fit" or ckpt_path != "last"):
             with initial_weights_deferred():
                 super().instantiate_classes()
         else:
@@ -84,6 +85,8 @@ class SamlightCLI(DashboardsCLIMixin, LightningCLI):
             ckpt_path = resolve_last_checkpoint(
                 self.trainer, allow_fresh_start=bool(config.get("allow_fresh_start"))
             )
+        if ckpt_path is None and callable(getattr(model, "load_start_weights", None)):
+            model.load_start_weights()  # deferred in instantiate_classes, and nothing to restore
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
 

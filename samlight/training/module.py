@@ -129,12 +129,11 @@ class SamModule(LightningModule):
             apply_lora(model, **hp.lora)
         return model
 
-    def setup(self, stage: str) -> None:
-        # Deferred start weights: load them now if the trainer restores nothing after all (e.g. a first run
-        # with `--ckpt_path last`). Runs before configure_model (sharding) and the optimizer.
+    def load_start_weights(self) -> None:
+        """Load deferred start weights (`model.checkpoint`) now: the run restores nothing after all (e.g. a first
+        run with `--ckpt_path last`). Call before training starts; a no-op when nothing is pending."""
         if self._pending_start_weights is not None:
-            if self.trainer.ckpt_path is None:
-                self.model = self._make_model(self._pending_start_weights)
+            self.model = self._make_model(self._pending_start_weights)
             self._pending_start_weights = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
