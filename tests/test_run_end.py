@@ -117,6 +117,7 @@ def test_resume_needs_only_the_checkpoint_and_falls_back_to_an_older_one(tmp_pat
     refused = fit(5, "--ckpt_path=last")
     assert refused.returncode != 0
     assert "no loadable checkpoint" in refused.stderr and "--allow_fresh_start" in refused.stderr
+    save_official(build_sam("tiny"), start)  # a fresh start begins from the start weights again
     check(fit(1, "--ckpt_path=last", "--allow_fresh_start=true"))
     assert checkpoint_meta(ckpts / "last.ckpt")["global_step"] == 1
 
