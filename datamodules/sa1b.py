@@ -48,7 +48,7 @@ class SA1BDataModule(LightningDataModule):
         open_shards: training shards each worker reads at once, drawing each next sample from a random one of
             them (mixes samples across shards; SA-1B shards hold ~11k images each).
         seed: base seed of the shard order of each pass, shuffling and mask sampling; every rank and worker
-            derives its own stream from it.
+            derives its own stream from it. None (default): the run's seed (`seed_everything`), else 0.
         text_embeddings: load per-mask CLIP embeddings from `<key>.clip.npy` (A x D, aligned with the
             annotations) as `batch.text_embeddings`; samples without the member are skipped.
         pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
@@ -71,7 +71,7 @@ class SA1BDataModule(LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 64,
         open_shards: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         text_embeddings: bool = False,
         pin_memory: bool | None = None,
         reduced_decode: bool = True,
@@ -95,7 +95,9 @@ class SA1BDataModule(LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.open_shards = open_shards
-        self.seed = seed
+        # The run seed is read from the environment, where `seed_everything` (LightningCLI's seed_everything)
+        # leaves it, so the datamodule needs no reference to it.
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.text_embeddings = text_embeddings
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.reduced_decode = reduced_decode

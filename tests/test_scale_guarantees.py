@@ -208,3 +208,17 @@ def test_validation_pads_ranks_to_the_same_number_of_batches(tmp_path, monkeypat
         for pad in batches[real_batches:]:
             assert pad.meta[0].get("padding") is True and not pad.mask_valid.any()
             assert pad.images.shape == (1, 3, 32, 32)
+
+
+def test_the_data_seed_defaults_to_the_run_seed_and_changes_the_stream(tmp_path, monkeypatch):
+    urls = write_shards(tmp_path, 16, 2)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) leaves for the workers
+    assert SA1BDataModule(urls).seed == 7
+    assert SA1BDataModule(urls, seed=3).seed == 3
+    orders = {}
+    for seed in (7, 8, 7):
+        dm = SA1BDataModule(urls, seed=seed, num_workers=0, image_size=32, batch_size=2, batches_per_epoch=4)
+        dm.setup("fit")
+        orders.setdefault(seed, []).append(epoch_keys(dm.train_dataloader()))
+    assert orders[7][0] == orders[7][1], "the same seed reproduces the stream"
+    assert orders[7][0] != orders[8][0], "another seed reads another order"
