@@ -4,7 +4,8 @@ Shared by several parts of samlight: keep edits surgical. The model section conf
 section takes any LightningDataModule by `class_path` (SA1BDataModule in the shipped configs).
 
 Every run gets, whatever configs are merged: atomic checkpoint writes (`AtomicCheckpointIO` unless a plugin or the
-strategy brings its own CheckpointIO), `PreemptionCheckpoint` (a `last.ckpt` whenever the run ends), and a
+strategy brings its own CheckpointIO), `PreemptionCheckpoint` (a `last.ckpt` whenever the run ends; not with
+`trainer.enable_checkpointing: false`), and a
 `--ckpt_path last` that resumes from the newest *loadable* checkpoint (never from zero while one exists; with none
 loadable it stops unless `--allow_fresh_start=true`).
 """
@@ -69,7 +70,10 @@ class SamlightCLI(DashboardsCLIMixin, LightningCLI):
 
         configured = config.get("callbacks") or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        if not any(isinstance(c, PreemptionCheckpoint) for c in configured + list(callbacks)):
+        wants_checkpoints = config.get("enable_checkpointing", True) is not False
+        if wants_checkpoints and not any(
+            isinstance(c, PreemptionCheckpoint) for c in configured + list(callbacks)
+        ):
             callbacks = [*callbacks, PreemptionCheckpoint()]
         trainer = super()._instantiate_trainer(config, callbacks)
         # Lightning's default CheckpointIO streams into the target file: a kill mid-write truncates last.ckpt.
