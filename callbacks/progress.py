@@ -1,4 +1,5 @@
-"""`SamlightProgressBar`: Lightning's rich progress bar plus end-to-end throughput (images/s) in its metrics."""
+"""`SamlightProgressBar`: Lightning's rich progress bar plus end-to-end throughput (images/s) and the training loss,
+read from the device only every `log_every_n_steps` (a per-step read is a host sync on GPU)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ class SamlightProgressBar(RichProgressBar):
     def __init__(self, *, refresh_rate: int = 1, window: int = 20, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave)
         self._ends: deque[tuple[float, int]] = deque(maxlen=window + 1)
+        self._loss: str | None = None
+        self._loss_step = -1
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 11/-2" for step-based runs (max_epochs -1): show the step budget instead.
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            description += f" (max {trainer.max_steps} steps)"
+        if len(self.validation_description) > len(description):
+            description = f"{description:{len(self.validation_description)}}"
+        return description
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -51,10 +66,23 @@ class SamlightProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
+        loss = self._loss_for_display(trainer)
+        if loss is not None:
+            items["loss"] = loss
         rate = self.images_per_second()
         if rate is not None:
             items["img/s"] = f"{rate:.1f}"
         return items
+
+    def _loss_for_display(self, trainer: Trainer) -> str | None:
+        """`train/loss` as text, read from the device only on logging steps (cached in between)."""
+        step = trainer.global_step
+        if step != self._loss_step and step % max(1, trainer.log_every_n_steps) == 0:
+            value = trainer.callback_metrics.get("train/loss")
+            if value is not None:
+                self._loss = f"{float(value):.3g}"
+                self._loss_step = step
+        return self._loss
 
 
 def _batch_size(batch: Any) -> int:

@@ -5,9 +5,11 @@ How shards are split over ranks and workers is described in `samlight.datamodule
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -17,6 +19,8 @@ from samlight.datamodules.sa1b_stream import SA1BDataset, SA1BLoader
 from samlight.datamodules.urls import expand_urls
 
 __all__ = ["SA1BDataModule", "SA1BDataset", "SA1BLoader"]
+
+log = logging.getLogger("samlight.data")
 
 # Lightning warns about any IterableDataset with __len__; ours is exact by construction (whole-batch quotas per
 # worker, see SA1BDataset._train), and the length is what lets Lightning plan epochs and schedules.
@@ -41,7 +45,10 @@ class SA1BDataModule(LightningDataModule):
         samples_per_epoch: alternative to `batches_per_epoch`: images per epoch over all ranks; the batches per
             rank are samples_per_epoch // (batch_size * world_size). Default when neither is given: 1000 batches.
         shuffle_buffer: training samples held in each worker for shuffling (as encoded bytes).
-        seed: base seed of shard resampling, shuffling and mask sampling.
+        open_shards: training shards each worker reads at once, drawing each next sample from a random one of
+            them (mixes samples across shards; SA-1B shards hold ~11k images each).
+        seed: base seed of the shard order of each pass, shuffling and mask sampling; every rank and worker
+            derives its own stream from it. None (default): the run's seed (`seed_everything`), else 0.
         text_embeddings: load per-mask CLIP embeddings from `<key>.clip.npy` (A x D, aligned with the
             annotations) as `batch.text_embeddings`; samples without the member are skipped.
         pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
@@ -63,7 +70,8 @@ class SA1BDataModule(LightningDataModule):
         batches_per_epoch: int | None = None,
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 64,
-        seed: int = 0,
+        open_shards: int = 4,
+        seed: int | None = None,
         text_embeddings: bool = False,
         pin_memory: bool | None = None,
         reduced_decode: bool = True,
@@ -86,12 +94,17 @@ class SA1BDataModule(LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
+        self.open_shards = open_shards
+        # The run seed is read from the environment, where `seed_everything` (LightningCLI's seed_everything)
+        # leaves it, so the datamodule needs no reference to it.
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.text_embeddings = text_embeddings
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.reduced_decode = reduced_decode
         self._skip_counts: Counter = Counter()
         self.rank, self.world_size = 0, 1
+        self._positions: dict[int, dict[str, int]] = {}  # worker role -> last trained stream position
+        self._loaded_stream: dict[str, Any] | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: write the demo set here so ranks do not all generate it.
@@ -125,8 +138,85 @@ class SA1BDataModule(LightningDataModule):
         if self.train_urls is None:
             raise ValueError("SA1BDataModule: train_urls is not set; give shard paths or 'demo'")
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = self._dataset(expand_urls(self.train_urls, split="train"), training=True, start_epoch=epoch)
+        urls = expand_urls(self.train_urls, split="train")
+        dataset = self._dataset(urls, training=True, start_epoch=epoch)
+        if self._loaded_stream is not None:
+            self._resume(dataset, self._loaded_stream, epoch)
         return self._loader(dataset)
+
+    # ---------------------------------------------------------------------------------- exact resume
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Remember the stream position of each training batch as Lightning hands it to the training step (the
+        loader runs ahead by a prefetched batch, so the loader's own position would be one batch too far)."""
+        for meta in getattr(batch, "meta", None) or []:
+            position = meta.get("stream") if isinstance(meta, dict) else None
+            if position is not None:
+                self._positions[position["role"]] = position
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position on every rank (saved in the checkpoint by Lightning).
+
+        Called on every rank when a checkpoint is saved; the positions of all ranks are gathered so that rank 0's
+        checkpoint file holds them all.
+        """
+        positions = {int(role): dict(p) for role, p in self._positions.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, positions)
+        else:
+            gathered = [positions]
+        if not any(gathered):
+            return {}
+        return {"stream": {"layout": self._stream_layout(), "positions": gathered}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_stream = state_dict.get("stream")
+
+    def _stream_layout(self) -> dict[str, Any]:
+        """What the saved positions mean: the same values are needed to continue the same stream."""
+        return {
+            "world_size": self.world_size,
+            "workers": max(1, self.num_workers),
+            "batch_size": self.batch_size,
+            "batches_per_epoch": self.train_batches_per_epoch(),
+            "seed": self.seed,
+            "shards": len(expand_urls(self.train_urls, split="train")) if self.train_urls is not None else 0,
+            "open_shards": self.open_shards,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def _resume(self, dataset: SA1BDataset, saved: dict[str, Any], epoch: int) -> None:
+        positions = saved["positions"]
+        changed = {
+            k: (v, saved["layout"].get(k))
+            for k, v in self._stream_layout().items()
+            if saved["layout"].get(k) != v
+        }
+        if changed or len(positions) != self.world_size:
+            # Another layout reads another stream: continue with the pass after the furthest saved one, so no
+            # sample of the interrupted pass is read twice by the same reader; the order is no longer the same.
+            next_pass = 1 + max((p["pass"] for rank in positions for p in rank.values()), default=-1)
+            dataset.resume = {
+                role: {"pass": next_pass, "index": 0} for role in range(max(1, self.num_workers))
+            }
+            log.warning(
+                "samlight data: the checkpoint's data stream was saved with %s (saved, now); it cannot be continued "
+                "exactly. Training continues with pass %d of the shards.",
+                {k: (old, new) for k, (new, old) in changed.items()} or f"{len(positions)} ranks",
+                next_pass,
+            )
+            return
+        mine = {int(role): p for role, p in positions[self.rank].items()}
+        done = sum(p["produced"] for p in mine.values() if p["epoch"] == epoch) // self.batch_size
+        # Saved at the end of an epoch: the next one starts afresh.
+        if done >= self.train_batches_per_epoch():
+            mine = {role: {**p, "epoch": -1} for role, p in mine.items()}
+            done = 0
+        dataset.resume = mine
+        dataset.role_offset = done % max(1, self.num_workers)
+        self._positions = dict(mine)
 
     def val_dataloader(self) -> SA1BLoader | list:
         if self.val_urls is None:
@@ -156,6 +246,7 @@ class SA1BDataModule(LightningDataModule):
             text_embeddings=self.text_embeddings,
             start_epoch=start_epoch,
             reduced_decode=self.reduced_decode,
+            open_shards=self.open_shards,
         )
 
     def _loader(self, dataset: SA1BDataset) -> SA1BLoader:

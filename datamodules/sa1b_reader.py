@@ -8,6 +8,8 @@ Tar parsing and URL opening (local paths, `pipe:` commands, http) are webdataset
 from __future__ import annotations
 
 import logging
+import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 log = logging.getLogger("samlight.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg")
+# What opening and reading a shard raises on bad input: OSError (missing file, failed `pipe:` command, network),
+# tar and compression errors, EOF, and webdataset's ValueError for a URL it cannot open.
+SHARD_READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zlib.error)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class SkipCounter:
 def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
     """Yield (key, extension, bytes) for each regular file of the tar at `url` (path, `pipe:...`, http...).
 
-    Raises whatever opening or reading raises (OSError, tarfile.ReadError, ...); callers count it.
+    Raises whatever opening or reading raises (`SHARD_READ_ERRORS` on bad input); `iter_shard` counts those.
     """
     stream = gopen(url)
     finished = False
@@ -122,8 +127,9 @@ def iter_shard(
                 key, ext, data = next(members)
             except StopIteration:
                 break
-            # Any reader error (missing file, failed pipe, truncated tar) costs this shard only.
-            except Exception as exn:
+            # A reading error (missing file, failed pipe, truncated or corrupt tar) costs this shard only. Other
+            # exceptions are bugs and propagate: skipping them would silently skip every shard.
+            except SHARD_READ_ERRORS as exn:
                 reason = "truncated shard" if members_read else "unreadable shard"
                 counter.skip(reason, url, None, f"{type(exn).__name__}: {exn}", shared=True)
                 pending.clear()  # cut off by the error, not defects of their own

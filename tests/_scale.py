@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import Callback
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FSDP = Path(__file__).resolve().parents[1] / "configs" / "fsdp.yaml"
 
 
@@ -21,9 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemption: bool = False) -> Path:
+def tiny_run_config(
+    tmp_path: Path,
+    *,
+    ckpt_dir: Path,
+    max_steps: int,
+    preemption: bool = False,
+    record: Path | None = None,
+    data: dict | None = None,
+    trainer: dict | None = None,
+    name: str | None = None,
+) -> Path:
     """Overrides on top of quickstart.yaml: 1 image x 4 masks per step, 2 rounds, no validation, a checkpoint
-    (and last.ckpt) every step in `ckpt_dir`, throughput logged every step."""
+    (and last.ckpt) every step in `ckpt_dir`, throughput logged every step; `record`: every batch's keys are
+    written there (`RecordBatches`); `data` / `trainer`: more overrides of those sections."""
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -38,6 +52,8 @@ def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemptio
     ]
     if preemption:
         callbacks.append({"class_path": "samlight.callbacks.preemption.PreemptionCheckpoint"})
+    if record is not None:
+        callbacks.append({"class_path": "tests._scale.RecordBatches", "init_args": {"out_dir": str(record)}})
     config = {
         "model": {
             "optimizer": {
@@ -52,6 +68,7 @@ def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemptio
                 "max_masks": 4,
                 "num_workers": 0,
                 "batches_per_epoch": 1000,
+                **(data or {}),
             }
         },
         "trainer": {
@@ -64,9 +81,10 @@ def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemptio
             "enable_model_summary": False,
             "default_root_dir": str(tmp_path / "runs"),
             "callbacks": callbacks,
+            **(trainer or {}),
         },
     }
-    path = tmp_path / f"tiny_{max_steps}.yaml"
+    path = tmp_path / f"{name or 'tiny'}_{max_steps}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -74,6 +92,8 @@ def tiny_run_config(tmp_path: Path, *, ckpt_dir: Path, max_steps: int, preemptio
 def env(cache: Path, **extra: str) -> dict[str, str]:
     """Subprocess environment: one thread per process (2 CPU cores), demo shards in a test cache."""
     out = {**os.environ, "OMP_NUM_THREADS": "1", "SAMLIGHT_CACHE": str(cache), "PYTHONFAULTHANDLER": "1"}
+    # The runs may load test helpers (e.g. `tests._scale.RecordBatches`) from this checkout.
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     out.update(extra)
     return out
 
@@ -96,3 +116,41 @@ def checkpoint_meta(path: Path) -> dict:
     """The Lightning metadata (global_step, loops, lr_schedulers, ...) of a .ckpt file or sharded directory."""
     file = path / "meta.pt" if path.is_dir() else path
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class RecordBatches(Callback):
+    """Test callback: append `{"stage", "rank", "step", "keys"}` per batch to `<out_dir>/batches-<rank>.jsonl`
+    (padding batches are recorded with `"padding": true`)."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir)
+
+    def _record(self, trainer, stage: str, batch) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        keys = [m.get("key") for m in batch.meta]
+        row = {
+            "stage": stage,
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "keys": keys,
+            "padding": any(m.get("padding") for m in batch.meta),
+            "annotations": [m.get("annotation_ids") for m in batch.meta],
+        }
+        with open(self.out_dir / f"batches-{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer, "train", batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "val", batch)
+
+
+def recorded(out_dir: Path) -> list[dict]:
+    """All rows written by `RecordBatches` into `out_dir`, rank by rank."""
+    rows = []
+    for file in sorted(Path(out_dir).glob("batches-*.jsonl")):
+        rows.extend(json.loads(line) for line in file.read_text().splitlines())
+    return rows

@@ -23,3 +23,13 @@ def tiny_sam():
     from samlight import build_sam
 
     return build_sam("tiny").eval()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need CUDA: without it they are skipped (with the reason), never failed."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -178,3 +178,66 @@ def test_sharded_swap_replaces_a_directory(tmp_path: Path) -> None:
     _swap_in(new, target)
     assert [p.name for p in target.iterdir()] == ["fresh"]
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_fsdp_validation_over_an_odd_number_of_images_finishes_and_counts_each_once(tmp_path: Path) -> None:
+    """3 validation images on 2 FSDP ranks: rank 0 holds 2 batches, rank 1 one. Every validation step all-gathers
+    the encoder, so unequal step counts hang; rank 1 must run a weight-0 padding step instead."""
+    import numpy as np
+
+    from samlight.datamodules.tools.shards import SA1BShardWriter
+    from tests._scale import recorded
+
+    rng = np.random.default_rng(0)
+    with SA1BShardWriter(tmp_path / "val", max_samples=1) as writer:
+        for i in range(3):
+            masks = np.zeros((2, 48, 64), bool)
+            masks[0, :20], masks[1, :, :30] = True, True
+            writer.write(f"val_{i}", rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8), masks=masks)
+    record = tmp_path / "record"
+    config = tiny_run_config(
+        tmp_path,
+        ckpt_dir=tmp_path / "ckpts",
+        max_steps=1,
+        record=record,
+        data={"val_urls": [str(p) for p in writer.shards]},
+        trainer={"limit_val_batches": 1.0, "val_check_interval": 1},
+    )
+    environ = env(tmp_path / "cache", MASTER_PORT=str(free_port()))
+    try:
+        result = samlight(_fsdp_args(config, 2), environ=environ, timeout=240)
+    except subprocess.TimeoutExpired as exn:
+        pytest.fail(f"FSDP validation hung (no exit within {exn.timeout:.0f} s)")
+    check(result)
+    val = [r for r in recorded(record) if r["stage"] == "val"]
+    steps = {rank: sum(1 for r in val if r["rank"] == rank) for rank in (0, 1)}
+    assert steps == {0: 2, 1: 2}, steps
+    real = sorted(k for r in val if not r["padding"] for k in r["keys"])
+    assert real == ["val_0", "val_1", "val_2"]
+    assert sum(r["padding"] for r in val) == 1
+
+
+def test_sharded_swap_has_no_moment_without_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A kill between the renames of a sharded swap must still leave a complete `last.ckpt`."""
+    from samlight.scale.strategy import _swap_in
+
+    target, new = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.partial"
+    target.mkdir()
+    (target / "old").write_text("1")
+    new.mkdir()
+    (new / "fresh").write_text("2")
+    real_rename = Path.rename
+    renames = []
+
+    def rename_then_die(self: Path, destination):
+        renames.append((self.name, Path(destination).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", rename_then_die)
+    try:
+        _swap_in(new, target)
+    except KeyboardInterrupt:
+        pass
+    assert target.is_dir() and ((target / "fresh").exists() or (target / "old").exists()), renames

@@ -4,13 +4,16 @@ Lightning's `ModelParallelStrategy` builds a ("data_parallel", "tensor_parallel"
 node) and hands the sampler only the data-parallel dimension, which suits FSDP + tensor parallelism. SAM uses no
 tensor parallelism: every rank sees different images. This strategy builds a ("replicate", "shard") mesh instead
 (shard inside a group of `shard_size` ranks, a node by default; replicate across groups), gives every rank its own
-data, makes sharded checkpoints atomic (written to a side directory, then swapped in) and defaults to the atomic
+data, makes sharded checkpoints atomic (written to a side directory, then exchanged in) and defaults to the atomic
 file CheckpointIO for full checkpoints. `samlight.scale.fsdp.apply_fsdp` shards the model on this mesh.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -137,13 +140,44 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def _swap_in(new: Path, target: Path) -> None:
-    # A directory cannot be os.replace()d over a non-empty one: move the old one aside first. Until the final
-    # rename a complete checkpoint exists under one of the two names; the `.old` one is only deleted afterwards.
+    """Put the complete checkpoint `new` at `target`; at every instant `target` is a complete checkpoint.
+
+    A directory cannot be `os.replace`d over a non-empty one. On Linux, renameat2(RENAME_EXCHANGE) swaps the two
+    names atomically (ext4, xfs, btrfs, tmpfs, ...). Elsewhere the old one is moved aside to `.NAME.old` first;
+    a kill between the two renames then leaves `.NAME.old`, which `--ckpt_path last` resumes from
+    (`samlight.scale.resume`).
+    """
     old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    if target.exists():
+    _remove(old)
+    if not target.exists():
+        new.rename(target)
+    elif _exchange(new, target):
+        _remove(new)  # now holds the previous checkpoint
+    else:
         target.rename(old)
-    new.rename(target)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        new.rename(target)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths `a` and `b` (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the filesystem cannot exchange
+        return False
+    raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -6,6 +6,9 @@ corrective clicks, loss) and by the optimiser settings.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -26,6 +29,20 @@ from samlight.training.optim import AdamWRecipe, apply_lora, merged_copy
 from samlight.training.optim import freeze as freeze_parts
 
 CLICK_COUNTS = (1, 2, 3, 5, 9)
+
+# Set while a module is built to be restored from a checkpoint (resume, load_from_checkpoint): its weights come
+# from there, so `model.checkpoint` (the start weights) is not read; see `SamModule.setup`.
+_DEFER_START_WEIGHTS: ContextVar[bool] = ContextVar("samlight_defer_start_weights", default=False)
+
+
+@contextmanager
+def initial_weights_deferred() -> Iterator[None]:
+    """Build `SamModule`s without reading `model.checkpoint`: they are about to be restored from a checkpoint."""
+    token = _DEFER_START_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_START_WEIGHTS.reset(token)
 
 
 class SamModule(LightningModule):
@@ -95,13 +112,38 @@ class SamModule(LightningModule):
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
         self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
-        self.model = self._build_model(variant, checkpoint, model_overrides or {})
-        freeze_parts(self.model, freeze or [])
-        if lora:
-            apply_lora(self.model, **lora)
+        # The start weights are read now, unless the module is about to be restored from a checkpoint (which is
+        # then self-sufficient: the .pth may have moved, and ViT-H would re-read 2.5 GB only to overwrite them).
+        self._pending_start_weights = checkpoint if _DEFER_START_WEIGHTS.get() else None
+        self.model = self._make_model(None if self._pending_start_weights else checkpoint)
         self._val_metrics = MeanAccumulator()
         self._skipped_nonfinite: Tensor | None = None
         self.miou_history: list[tuple[int, float]] = []
+
+    def _make_model(self, checkpoint: str | None):
+        """The `Sam` of this module's hyperparameters: built, start weights loaded, parts frozen, LoRA applied."""
+        hp = self.hparams
+        model = self._build_model(hp.variant, checkpoint, hp.model_overrides or {})
+        freeze_parts(model, hp.freeze or [])
+        if hp.lora:
+            apply_lora(model, **hp.lora)
+        return model
+
+    def load_start_weights(self) -> None:
+        """Load deferred start weights (`model.checkpoint`) now: the run restores nothing after all (e.g. a first
+        run with `--ckpt_path last`). Call before training starts; a no-op when nothing is pending."""
+        if self._pending_start_weights is not None:
+            self.model = self._make_model(self._pending_start_weights)
+            self._pending_start_weights = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_start_weights = None  # every weight comes from the checkpoint
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> SamModule:
+        """Lightning's `load_from_checkpoint`, without reading the start weights (`model.checkpoint`) first."""
+        with initial_weights_deferred():
+            return super().load_from_checkpoint(*args, **kwargs)
 
     def _build_model(self, variant: str, checkpoint: str | None, overrides: dict[str, Any]):
         from samlight.modeling.build import build_sam
@@ -166,7 +208,9 @@ class SamModule(LightningModule):
         means = totals / total_weight.clamp(min=1.0)
         batch_size = batch.images.shape[0]
         for name, value in zip(("loss", "loss_focal", "loss_dice", "loss_iou"), means):
-            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+            # Not prog_bar: the bar would turn the tensor into a number every step, a host sync on GPU;
+            # SamlightProgressBar reads train/loss only at log_every_n_steps.
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         return means[0]
 
     def _split_by_type(self, n: int, device: torch.device) -> list[tuple[PromptType, Tensor]]:
