@@ -45,7 +45,8 @@ def test_click_accept_writes_the_exact_sa1b_record(tmp_path):
 
     saved = client.post("/api/accept", json={"prediction": two["prediction"], "candidate": 0}).json
     record = read_shards(tmp_path / "out" / "shards")[_key(store, "img1.png")]
-    mask = shown.masks[0]
+    mask = engine.full_mask(shown, 0)
+    np.testing.assert_array_equal(mask, shown.masks[0])  # a small image is shown at full size
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     expected = {
         "id": 0,
@@ -115,6 +116,31 @@ def _member(store, image_id: str, ext: str) -> bytes:
     for sample in wds.WebDataset(str(store.shard_path(image_id)), shardshuffle=False, empty_check=False):
         return sample[ext]
     raise AssertionError("empty shard")
+
+
+def test_large_image_candidates_come_downscaled_and_the_saved_mask_is_full_size(tmp_path):
+    from PIL import Image
+
+    from samlight.inference.predictor import SamPredictor
+
+    make_images(tmp_path / "images")
+    big = np.random.default_rng(1).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "images" / "big.png")
+    engine, store, _, client = session(tmp_path)
+    client.post("/api/open", json={"image": "big.png"})
+    r = client.post("/api/predict", json={"image": "big.png", "points": [[800, 600, 1], [100, 100, 0]]}).json
+    assert r["frame"] == [768, 1024] and r["masks"][0]["rle"]["size"] == [768, 1024]
+    record = client.post("/api/accept", json={"prediction": r["prediction"], "candidate": 0}).json["record"]
+    assert record["segmentation"]["size"] == [1200, 1600]
+    # The saved mask is exactly what SamPredictor gives at full resolution for the same prompt.
+    predictor = SamPredictor(engine.model)
+    predictor.set_image(big)
+    masks, _, _ = predictor.predict(
+        point_coords=np.array([[800.0, 600.0], [100.0, 100.0]]),
+        point_labels=np.array([1, 0]),
+        multimask_output=False,
+    )
+    np.testing.assert_array_equal(mask_utils.decode(record["segmentation"]).astype(bool), masks[0])
 
 
 def test_delete_undo_and_the_shard_follows(tmp_path):

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from samlight.inference.annotate.images import ImageFolder, load_rgb
 from samlight.inference.annotate.store import atomic_write_bytes
 from samlight.inference.predictor import SamPredictor
 from samlight.modeling.sam import Sam
-from samlight.modeling.transforms import get_preprocess_shape
+from samlight.modeling.transforms import apply_boxes, apply_coords, get_preprocess_shape
 
+DISPLAY_LONG_SIDE = 1024  # masks go to the page at most this large; the saved mask is full resolution
 MAX_POINTS = 64  # per prompt; a person clicks a handful, a bound keeps a crafted request cheap
 _MASK_INPUT_LOGIT = 8.0  # magnitude of the logits made from a saved binary mask (SAM's own lie around +-10)
 
@@ -44,6 +46,15 @@ def encoder_fingerprint(model: Sam) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def display_size(original_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the frame the page's candidate masks are sent in: the image, shrunk to a long side of
+    DISPLAY_LONG_SIDE when larger. Upsampling 3 candidates to 1500 x 2250 on every click would cost more than
+    the decoder itself; the page scales the overlay to the image, and `accept` saves the full-size mask."""
+    if max(original_size) <= DISPLAY_LONG_SIDE:
+        return (int(original_size[0]), int(original_size[1]))
+    return get_preprocess_shape(original_size[0], original_size[1], DISPLAY_LONG_SIDE)
 
 
 def compressed_rle(mask: np.ndarray) -> dict:
@@ -63,7 +74,8 @@ class Prediction:
         point_coords: P x 2 (x, y) original pixels; point_labels: P (1 fg, 0 bg); box: 4 xyxy or None.
         low_res_logits: K x 4h x 4w float32 (K = 3 for a single click, else 1).
         scores: K predicted IoUs; stability: K stability scores (IoU of the masks at logit +1 and -1).
-        masks: K x H x W bool, in the original frame.
+        masks: K x h x w bool, in the display frame (`display_size(original_size)`).
+        original_size: (H, W) of the image; input_size: (h, w) of the image in the model's input frame.
     """
 
     id: int
@@ -76,6 +88,8 @@ class Prediction:
     scores: np.ndarray
     stability: np.ndarray
     masks: np.ndarray = field(repr=False)
+    original_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, int] = (0, 0)
     seconds: float = 0.0
 
 
@@ -215,7 +229,7 @@ class AnnotationEngine:
         previous_candidate: int = 0,
         base_mask: np.ndarray | None = None,
     ) -> Prediction:
-        """Candidate masks for one prompt on one image.
+        """Candidate masks for one prompt on one image, in the display frame (see `display_size`).
 
         Args:
             point_coords: P x 2 (x, y) original pixels; point_labels: P, 1 foreground / 0 background.
@@ -226,13 +240,15 @@ class AnnotationEngine:
                 when there is no `previous`.
 
         Returns:
-            a Prediction with 3 candidates for a single click (the ambiguous prompt), 1 otherwise.
+            a Prediction with 3 candidates for a single click (the ambiguous prompt), 1 otherwise;
+            `full_mask` gives a candidate at the original resolution.
         """
         features = self.embedding(image_id)
-        pixels = self.pixels(image_id)
-        original = pixels.shape[:2]
-        coords, labels = _check_points(point_coords, point_labels)
-        box = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        original = tuple(int(v) for v in self.pixels(image_id).shape[:2])
+        coords, labels = _check_points(point_coords, point_labels, original)
+        if box is not None:
+            box = np.asarray(box, dtype=np.float64).reshape(4)
+            _check_inside(box.reshape(2, 2), original, "box")
         if coords is None and box is None:
             raise ValueError("a prompt needs at least one point or a box")
         mask_input = None
@@ -243,25 +259,35 @@ class AnnotationEngine:
         elif base_mask is not None:
             mask_input = self.mask_to_logits(base_mask)
         multimask = box is None and coords is not None and len(coords) == 1 and mask_input is None
+        display = display_size(original)
         start = time.perf_counter()
         with self._decode_lock:
             predictor, model_round = self._decoder, self.model_round
+            s = predictor.model.image_size
+            input_size = get_preprocess_shape(original[0], original[1], s)
             predictor.features = features.to(self.device)
-            predictor.original_size = (int(original[0]), int(original[1]))
-            predictor.input_size = get_preprocess_shape(original[0], original[1], predictor.model.image_size)
+            predictor.input_size = input_size
+            # predict_torch upsamples to `original_size`: the display frame here; prompts are mapped into the
+            # model's input frame from the true original size just below.
+            predictor.original_size = display
             predictor.is_image_set = True
-            logits, scores, low_res = predictor.predict(
-                point_coords=coords,
-                point_labels=labels,
-                box=box,
-                mask_input=mask_input,
+            tensor = partial(torch.as_tensor, dtype=torch.float, device=self.device)
+            logits, scores, low_res = predictor.predict_torch(
+                None if coords is None else tensor(apply_coords(coords, original, s))[None],
+                None
+                if labels is None
+                else torch.as_tensor(labels, dtype=torch.int, device=self.device)[None],
+                None if box is None else tensor(apply_boxes(box[None], original, s)),
+                None if mask_input is None else tensor(mask_input)[None],
                 multimask_output=multimask,
                 return_logits=True,
             )
+            logits, scores, low_res = logits[0].float(), scores[0].float().cpu().numpy(), low_res[0].float()
         threshold = self.model.mask_threshold
-        masks = logits > threshold
-        outer = (logits > threshold - 1.0).sum((1, 2))
-        stability = np.where(outer > 0, (logits > threshold + 1.0).sum((1, 2)) / np.maximum(outer, 1), 0.0)
+        masks = (logits > threshold).cpu().numpy()  # K x h x w
+        inner = (logits > threshold + 1.0).sum((1, 2)).cpu().numpy()
+        outer = (logits > threshold - 1.0).sum((1, 2)).cpu().numpy()
+        stability = np.where(outer > 0, inner / np.maximum(outer, 1), 0.0)
         prediction = Prediction(
             id=next(self._ids),
             image_id=image_id,
@@ -269,10 +295,12 @@ class AnnotationEngine:
             point_coords=np.zeros((0, 2)) if coords is None else coords,
             point_labels=np.zeros((0,), np.int64) if labels is None else labels,
             box=box,
-            low_res_logits=low_res.astype(np.float32),
+            low_res_logits=low_res.cpu().numpy().astype(np.float32),
             scores=scores.astype(np.float32),
             stability=stability.astype(np.float32),
             masks=masks,
+            original_size=original,
+            input_size=input_size,
             seconds=time.perf_counter() - start,
         )
         with self._state_lock:
@@ -280,6 +308,16 @@ class AnnotationEngine:
             while len(self._predictions) > 32:
                 self._predictions.popitem(last=False)
         return prediction
+
+    def full_mask(self, prediction: Prediction, candidate: int) -> np.ndarray:
+        """Candidate `candidate` of `prediction` at the original resolution: H x W bool (as SamPredictor).
+
+        Computed from the kept low-res logits with the weights that made them, so it is what the page showed.
+        """
+        low = torch.as_tensor(prediction.low_res_logits[candidate : candidate + 1])[None]  # 1 x 1 x 4h x 4w
+        with torch.no_grad():
+            logits = self.model.postprocess_masks(low, prediction.input_size, prediction.original_size)
+        return (logits[0, 0] > self.model.mask_threshold).numpy()
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of an image of `original_size` resized into the model's input frame."""
@@ -306,7 +344,7 @@ class AnnotationEngine:
 
 
 def _check_points(
-    coords: np.ndarray | list | None, labels: np.ndarray | list | None
+    coords: np.ndarray | list | None, labels: np.ndarray | list | None, original_size: tuple[int, int]
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     if coords is None or len(coords) == 0:
         return None, None
@@ -320,4 +358,14 @@ def _check_points(
         raise ValueError(
             f"point labels must be 1 (foreground) or 0 (background), got {sorted(set(labels.tolist()))}"
         )
+    _check_inside(coords, original_size, "points")
     return coords, labels
+
+
+def _check_inside(xy: np.ndarray, original_size: tuple[int, int], what: str) -> None:
+    h, w = original_size
+    inside = np.isfinite(xy).all(1) & (xy[:, 0] >= 0) & (xy[:, 0] <= w) & (xy[:, 1] >= 0) & (xy[:, 1] <= h)
+    if not inside.all():
+        raise ValueError(
+            f"{what} {xy[~inside].tolist()} lie outside the image: x in [0, {w}], y in [0, {h}] (pixels, x first)"
+        )

@@ -208,6 +208,7 @@ def create_app(engine: AnnotationEngine, store: AnnotationStore, retrainer: Retr
         return jsonify(
             prediction=prediction.id,
             model_round=prediction.model_round,
+            frame=list(prediction.masks.shape[1:]),
             masks=masks,
             best=int(np.argmax(prediction.scores)),
             decode_ms=round(prediction.seconds * 1000, 2),
@@ -225,7 +226,7 @@ def create_app(engine: AnnotationEngine, store: AnnotationStore, retrainer: Retr
         k = _int(data, "candidate", 0) or 0
         if not 0 <= k < len(prediction.masks):
             raise BadRequest(f"candidate must be in 0..{len(prediction.masks) - 1}, got {k}")
-        mask = prediction.masks[k]
+        mask = engine.full_mask(prediction, k)
         if not mask.any():
             raise BadRequest("the mask is empty: nothing to save")
         fields = {

@@ -99,11 +99,14 @@ function currentRle() {
   return null;
 }
 
+// The current mask comes in the display frame (at most 1024 px long; the saved mask is full size): its canvas
+// takes that size and CSS scales it onto the image like the other layers.
 function drawMask() {
-  const {width: w, height: h} = S.image;
+  const rle = currentRle();
+  const [h, w] = rle ? rle.size : [S.image.height, S.image.width];
+  if (layers.mask.width !== w || layers.mask.height !== h) { layers.mask.width = w; layers.mask.height = h; }
   const ctx = layers.mask.getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  const rle = currentRle();
   let area = 0;
   if (rle) {
     const img = ctx.createImageData(w, h);
@@ -115,7 +118,7 @@ function drawMask() {
   const r = S.response;
   $("candidate").textContent = r
     ? `candidate ${S.candidate + 1}/${r.masks.length} · predicted IoU ${r.masks[S.candidate].score.toFixed(3)}`
-      + ` · ${r.masks[S.candidate].area} px` + (S.editing !== null ? ` · correcting #${S.editing}` : "")
+      + ` · ${(100 * r.masks[S.candidate].area / (w * h)).toFixed(1)}% of the image` + (S.editing !== null ? ` · correcting #${S.editing}` : "")
     : S.editing !== null ? `correcting mask #${S.editing}: click to add or remove parts` : "no prompt yet";
 }
 
