@@ -3,7 +3,7 @@ cycle candidates, add a background point and a box, accept with Enter, and find 
 
 Needs the Debian `chromium` package (`apt-get install -y chromium`; `playwright install` needs a download);
 without it the test is skipped with that reason. `SAMLIGHT_DOCS_SCREENSHOT=1` also writes the page's
-screenshot to docs/img/annotate.png.
+screenshot to docs/img/annotate.png (`SAMLIGHT_DOCS_CHECKPOINT=FILE` serves those weights instead of random ones).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def live(tmp_path):
     from werkzeug.serving import make_server
 
     _scene(tmp_path / "images")
+    if os.environ.get("SAMLIGHT_DOCS_CHECKPOINT"):  # a trained tiny model makes a more telling screenshot
+        shutil.copyfile(os.environ["SAMLIGHT_DOCS_CHECKPOINT"], tmp_path / "tiny.pth")
     engine, store, retrainer, _ = session(tmp_path, "--existing", str(_auto_shard(tmp_path)))
     from samlight.inference.annotate.server import create_app
 

@@ -377,6 +377,7 @@ def test_retrain_round_fine_tunes_reports_miou_and_swaps_weights(tmp_path):
     assert status["retrain"]["state"] == "idle", status["retrain"]
     (result,) = status["retrain"]["history"]
     assert result["round"] == 1 and status["model_round"] == 1 and result["human_masks"] == 3
+    assert client.get("/api/retrain").json == {"model_round": 1, "retrain": status["retrain"]}
     assert result["train_images"] == 2 and len(result["heldout_images"]) == 1 and result["heldout_masks"] == 1
     assert 0.0 <= result["miou_before"] <= 1.0 and 0.0 <= result["miou_after"] <= 1.0
     assert (

@@ -14,6 +14,7 @@ API (all JSON):
                                             candidate masks (COCO RLE), scores, timings
     POST /api/accept   {prediction, candidate, replaces: mask id | null}   save it; the SA-1B record
     POST /api/delete   {image, id}          delete a saved mask
+    GET  /api/retrain                       the served model round and the retrain status (the page polls it)
     POST /api/retrain                       start a fine-tuning round
 """
 
@@ -116,7 +117,7 @@ def create_app(engine: AnnotationEngine, store: AnnotationStore, retrainer: Retr
     def state():
         current = store.current_image or engine.folder.entries[0].id
         return jsonify(
-            images=[{"id": e.id, "masks": len(store.annotations(e.id))} for e in engine.folder.entries],
+            images=[{"id": e.id, "masks": store.mask_count(e.id)} for e in engine.folder.entries],
             current=current,
             counts=store.counts(),
             model_round=engine.model_round,
@@ -258,6 +259,12 @@ def create_app(engine: AnnotationEngine, store: AnnotationStore, retrainer: Retr
             raise BadRequest("'id' (the mask to delete) is required")
         store.delete(image_id, ann_id)
         return jsonify(deleted=ann_id, counts=store.counts())
+
+    @app.get("/api/retrain")
+    def retrain_status():
+        return jsonify(
+            model_round=engine.model_round, retrain=None if retrainer is None else retrainer.status()
+        )
 
     @app.post("/api/retrain")
     def retrain():

@@ -163,6 +163,10 @@ class AnnotationStore:
         with self._lock:
             return [dict(a) for a in self._annotations.get(image_id, [])]
 
+    def mask_count(self, image_id: str) -> int:
+        with self._lock:
+            return len(self._annotations.get(image_id, []))
+
     def counts(self) -> dict[str, int]:
         """Masks by source over all images, plus the number of images holding any."""
         with self._lock:

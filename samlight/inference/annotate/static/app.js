@@ -396,12 +396,12 @@ function showRetrain(state) {
 }
 
 async function poll() {
-  try { showRetrain(await api("/api/state")); } catch (e) { /* the next poll retries */ }
+  try { showRetrain(await api("/api/retrain")); } catch (e) { /* the next poll retries */ }
   setTimeout(poll, 2000);
 }
 
 $("retrain").onclick = async () => {
-  try { const r = await api("/api/retrain", {}); status(r.message); showRetrain({...await api("/api/state")}); }
+  try { const r = await api("/api/retrain", {}); status(r.message); showRetrain(await api("/api/retrain")); }
   catch (e) { status(e.message, true); }
 };
 $("accept").onclick = accept;
