@@ -154,7 +154,7 @@ def test_click_shows_mask_and_enter_saves_the_record(live, tmp_path):
         page.wait_for_function(
             "samlight.box !== null && samlight.response && samlight.response.masks.length === 1"
         )
-        assert page.evaluate("samlight.box").__len__() == 4
+        assert len(page.evaluate("samlight.box")) == 4
         page.screenshot(path=str(shot))
         browser.close()
     assert not errors, errors

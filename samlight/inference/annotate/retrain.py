@@ -342,7 +342,13 @@ class Retrainer:
         )
         data = {
             "model": {"checkpoint": str(self.weights.resolve())},
-            "data": {"init_args": {"train_urls": [str(self.store.shard_path(i).resolve()) for i in train]}},
+            # The tool measures the held-out mIoU itself; a val set from the user's config would point elsewhere.
+            "data": {
+                "init_args": {
+                    "train_urls": [str(self.store.shard_path(i).resolve()) for i in train],
+                    "val_urls": None,
+                }
+            },
             "trainer": {
                 "default_root_dir": str(directory.resolve()),
                 "callbacks": [
