@@ -13,7 +13,7 @@ What is timed, after the image embedding exists (it is cached once per image):
 Prompts: one click (3 candidates) and three clicks with the previous mask fed back (1 mask). Weights are random
 (no download): latency does not depend on their values.
 
-    python bench/annotate_latency.py --variants tiny vit_b --size 1500 2250
+    python bench/annotate_latency.py --variants tiny vit_b --size 1500 2250 [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ CPU_MS: dict[int, float] = {}  # id(fn) -> median CPU ms, filled by _median_ms
 def _median_ms(fn, repeats: int) -> float:
     """Median wall-clock ms of `fn()`; the median CPU ms (all threads of this process) goes to CPU_MS[id(fn)].
 
-    On a shared, loaded machine the wall clock includes waiting for a core; the CPU time is the work itself,
-    which is what an idle machine with the same cores would need (at best divided by the thread count)."""
+    On a shared, loaded machine the wall clock includes waiting for a core; with one thread (`--threads 1`) the
+    CPU time is the work itself, what an idle core would need (with more threads it also counts the time
+    threads spin waiting for each other)."""
     fn()  # warm-up
     times, cpu = [], []
     for _ in range(repeats):
@@ -81,7 +82,9 @@ def _onnx_decoder(official_sam, folder: Path):
         opset_version=17,
         dynamo=False,
     )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch, for a fair CPU time
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session, path.stat().st_size
 
 
