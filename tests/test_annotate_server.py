@@ -119,6 +119,7 @@ def _member(store, image_id: str, ext: str) -> bytes:
 
 
 def test_large_image_candidates_come_downscaled_and_the_saved_mask_is_full_size(tmp_path):
+    import torch
     from PIL import Image
 
     from samlight.inference.predictor import SamPredictor
@@ -126,10 +127,20 @@ def test_large_image_candidates_come_downscaled_and_the_saved_mask_is_full_size(
     make_images(tmp_path / "images")
     big = np.random.default_rng(1).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "images" / "big.png")
+    Image.fromarray(big[:192, :256]).save(tmp_path / "images" / "input_frame.png")  # tiny's input frame
     engine, store, _, client = session(tmp_path)
+    exact = engine.predict("input_frame.png", np.array([[100.0, 90.0]]), np.array([1]))  # display == input
+    low = torch.as_tensor(exact.low_res_logits)[None]
+    expected = engine.model.postprocess_masks(low, (192, 256), (192, 256))[0] > 0
+    np.testing.assert_array_equal(exact.masks, expected.numpy())
     client.post("/api/open", json={"image": "big.png"})
     r = client.post("/api/predict", json={"image": "big.png", "points": [[800, 600, 1], [100, 100, 0]]}).json
     assert r["frame"] == [768, 1024] and r["masks"][0]["rle"]["size"] == [768, 1024]
+    # The display masks are Sam.postprocess_masks to the display frame (its second resize skipped as identity).
+    shown = engine.get_prediction(r["prediction"])
+    low = torch.as_tensor(shown.low_res_logits)[None]
+    expected = engine.model.postprocess_masks(low, shown.input_size, (768, 1024))[0] > 0
+    np.testing.assert_array_equal(shown.masks, expected.numpy())
     record = client.post("/api/accept", json={"prediction": r["prediction"], "candidate": 0}).json["record"]
     assert record["segmentation"]["size"] == [1200, 1600]
     # The saved mask is exactly what SamPredictor gives at full resolution for the same prompt.

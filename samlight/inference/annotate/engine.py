@@ -134,8 +134,9 @@ class AnnotationEngine:
             self.model = model
             self.model_round = model_round
             self.fingerprint = fingerprint
-            self._decoder = SamPredictor(model)
             self._encoding = SamPredictor(model)
+            with torch.inference_mode():  # the decoder's positional encoding depends on the weights only
+                self._image_pe = model.prompt_encoder.get_dense_pe()
 
     def swap_model(self, model: Sam, model_round: int) -> bool:
         """Serve `model` from now on; returns whether its image encoder differs (embeddings recomputed)."""
@@ -262,27 +263,30 @@ class AnnotationEngine:
         display = display_size(original)
         start = time.perf_counter()
         with self._decode_lock:
-            predictor, model_round = self._decoder, self.model_round
-            s = predictor.model.image_size
+            model, model_round, image_pe = self.model, self.model_round, self._image_pe
+            s = model.image_size
             input_size = get_preprocess_shape(original[0], original[1], s)
-            predictor.features = features.to(self.device)
-            predictor.input_size = input_size
-            # predict_torch upsamples to `original_size`: the display frame here; prompts are mapped into the
-            # model's input frame from the true original size just below.
-            predictor.original_size = display
-            predictor.is_image_set = True
             tensor = partial(torch.as_tensor, dtype=torch.float, device=self.device)
-            logits, scores, low_res = predictor.predict_torch(
-                None if coords is None else tensor(apply_coords(coords, original, s))[None],
-                None
-                if labels is None
-                else torch.as_tensor(labels, dtype=torch.int, device=self.device)[None],
-                None if box is None else tensor(apply_boxes(box[None], original, s)),
-                None if mask_input is None else tensor(mask_input)[None],
-                multimask_output=multimask,
-                return_logits=True,
-            )
-            logits, scores, low_res = logits[0].float(), scores[0].float().cpu().numpy(), low_res[0].float()
+            points = None
+            if coords is not None:
+                labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]  # 1 x P
+                points = (tensor(apply_coords(coords, original, s))[None], labels_t)  # 1 x P x 2 input pixels
+            with torch.inference_mode():
+                sparse, dense = model.prompt_encoder(
+                    points=points,
+                    boxes=None if box is None else tensor(apply_boxes(box[None], original, s)),
+                    masks=None if mask_input is None else tensor(mask_input)[None],
+                )
+                features = features.to(self.device)
+                low_res, scores = model.mask_decoder(
+                    image_embeddings=features,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse.to(features.dtype),
+                    dense_prompt_embeddings=dense.to(features.dtype),
+                    multimask_output=multimask,
+                )  # 1 x K x 4h x 4w, 1 x K
+                logits = self._to_display(low_res.float(), input_size, display)[0]  # K x h x w
+            scores, low_res = scores[0].float().cpu().numpy(), low_res[0].float()
         threshold = self.model.mask_threshold
         masks = (logits > threshold).cpu().numpy()  # K x h x w
         inner = (logits > threshold + 1.0).sum((1, 2)).cpu().numpy()
@@ -308,6 +312,20 @@ class AnnotationEngine:
             while len(self._predictions) > 32:
                 self._predictions.popitem(last=False)
         return prediction
+
+    def _to_display(self, low_res: torch.Tensor, input_size: tuple[int, int], display: tuple[int, int]):
+        """Low-res logits 1 x K x 4h x 4w -> 1 x K x h x w logits in the display frame.
+
+        `Sam.postprocess_masks` with `display` as the target size, minus its second resize when the display
+        frame is the model's input frame (any image with a long side >= 1024 under vit_b): bilinear resampling
+        to the same size is the identity, so the values are the same and one pass over K masks is saved.
+        """
+        s = self.model.image_size
+        logits = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+        logits = logits[..., : input_size[0], : input_size[1]]
+        if tuple(input_size) != tuple(display):
+            logits = F.interpolate(logits, display, mode="bilinear", align_corners=False)
+        return logits
 
     def full_mask(self, prediction: Prediction, candidate: int) -> np.ndarray:
         """Candidate `candidate` of `prediction` at the original resolution: H x W bool (as SamPredictor).
