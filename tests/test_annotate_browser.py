@@ -23,6 +23,8 @@ from tests._shards import read_shards
 CHROMIUM = os.environ.get("SAMLIGHT_CHROMIUM", "/usr/bin/chromium")
 DOCS_IMAGE = Path(__file__).resolve().parents[1] / "docs" / "img" / "annotate.png"
 
+pytest.importorskip("flask")
+
 pytestmark = [
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),
