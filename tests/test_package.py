@@ -48,6 +48,8 @@ def test_wheel_installs_plugin_namespaces(tmp_path):
     top = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", "__pycache__"))}
     assert top <= {"samlight", "bin"}, top
     assert list((site / "samlight" / "configs").glob("*.yaml")), "packaged configs missing"
+    static = site / "samlight" / "inference" / "annotate" / "static"
+    assert {"index.html", "app.js", "style.css"} <= {p.name for p in static.iterdir()}, "annotate page missing"
 
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(

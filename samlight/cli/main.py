@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from samlight.cli.data import main as data_main
 
         return data_main(rest)
+    if command == "annotate":
+        from samlight.cli.annotate import main as annotate_main
+
+        return annotate_main(rest)
     if command == "segment":
         from samlight.inference.segment import main as segment_main
 
