@@ -42,3 +42,92 @@ def test_box_noise_std_is_ten_percent_of_the_side_capped_at_20px():
     # Corners move independently of each other.
     per_box = large.view(-1, 4)
     assert abs(torch.corrcoef(per_box.T)[0, 2]) < 0.1
+
+
+# ------------------------------------------------------------------------------- clicks inside the image
+
+S = 128
+
+
+def _batch(b: int = 2, m: int = 3, seed: int = 0, input_hw: tuple[int, int] = (S - 48, S - 40)):
+    """Rectangles inside each image; image 0 fills the frame, the others are input_hw with zero padding."""
+    from samlight.datamodules.batch import SegmentationBatch
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[S, S]] + [list(input_hw)] * (b - 1))
+    images = 0.3 * torch.randn(b, 3, S, S, generator=g)
+    masks = torch.zeros(b, m, S, S, dtype=torch.bool)
+    for i in range(b):
+        h, w = sizes[i].tolist()
+        images[i, :, h:] = 0
+        images[i, :, :, w:] = 0
+        for j in range(m):
+            y, x = (
+                torch.randint(0, h - 24, (1,), generator=g).item(),
+                torch.randint(0, w - 24, (1,), generator=g).item(),
+            )
+            masks[i, j, y : y + 20, x : x + 20] = True
+    return SegmentationBatch(
+        images=images,
+        masks=masks,
+        mask_valid=torch.ones(b, m, dtype=torch.bool),
+        original_sizes=sizes.clone(),
+        input_sizes=sizes,
+    )
+
+
+def _module(**kwargs):
+    from samlight.prompts import CorrectiveClicks
+    from samlight.training.module import SamModule
+    from samlight.training.optim import AdamWRecipe
+
+    defaults = dict(
+        variant="tiny",
+        model_overrides={"image_size": S},
+        clicks=CorrectiveClicks(num_clicks=3, mask_only_rounds=1),
+        optimizer=AdamWRecipe(warmup_steps=0),
+    )
+    return SamModule(**{**defaults, **kwargs})
+
+
+def _record_episodes(module, monkeypatch) -> list:
+    """Make `module.training_step` keep every Episode it runs."""
+    import samlight.training.module as module_file
+
+    episodes = []
+
+    def recording(*args, **kwargs):
+        episodes.append(module_file.run_episode.__wrapped__(*args, **kwargs))
+        return episodes[-1]
+
+    recording.__wrapped__ = module_file.run_episode
+    monkeypatch.setattr(module_file, "run_episode", recording)
+    return episodes
+
+
+def _decode_everything_foreground(module, monkeypatch, value: float = 8.0) -> None:
+    """The decoder predicts foreground on every pixel (padding included): false positives everywhere."""
+    original = module.model.decode
+
+    def decode(embeddings, image_index, prompts, multimask_output):
+        logits, iou = original(embeddings, image_index, prompts, multimask_output)
+        return logits * 0 + value, iou
+
+    monkeypatch.setattr(module.model, "decode", decode)
+
+
+def test_training_clicks_never_fall_in_the_padding(monkeypatch):
+    module = _module()
+    episodes = _record_episodes(module, monkeypatch)
+    _decode_everything_foreground(module, monkeypatch)
+    batch = _batch(b=3)
+    module.training_step(batch, 0)
+    assert episodes, "training_step ran no episode"
+    for episode in episodes:
+        hw = batch.input_sizes[episode.image_index]  # N x 2 (H, W)
+        x, y = episode.click_coords[..., 0], episode.click_coords[..., 1]  # N x R, input pixels
+        assert episode.click_coords.shape[1] == 3
+        assert (x >= 0).all() and (y >= 0).all()
+        assert (x <= hw[:, 1:] - 1).all() and (y <= hw[:, :1] - 1).all(), "a click fell in the padding"
+        # Background clicks on the false positives inside the image (the only error there is).
+        assert (episode.click_labels == 0).any()

@@ -138,6 +138,11 @@ class SamModule(LightningModule):
         # Loss and clicks at the low-res logit size; see samlight/loss.py for why.
         targets = F.avg_pool2d(gt[:, None].float(), 4)[:, 0]  # N x S/4 x S/4 soft
         click_gt = targets >= 0.5
+        # Click-frame pixels wholly inside the image (floor), so that a click's centre, mapped back to input
+        # pixels, never lands in the padding.
+        region = _inside_image(
+            torch.div(batch.input_sizes, 4, rounding_mode="floor"), image_index, gt.shape[-1] // 4
+        )
         totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
         total_weight = torch.zeros((), device=gt.device)
         for ptype, idx in self._split_by_type(gt.shape[0], gt.device):
@@ -156,6 +161,7 @@ class SamModule(LightningModule):
                 prompts,
                 click_gt[idx],
                 self.clicks,
+                valid_region=region[idx],
                 detach_feedback=self.detach_feedback,
                 checkpoint_rounds=self.checkpoint_rounds,
             )
