@@ -6,9 +6,11 @@ Each test here was written against a wrong implementation first (see docs/traini
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from samlight.prompts import BoxPrompt
+from samlight.prompts import BoxPrompt, CorrectiveClicks
+from samlight.training.optim import AdamWRecipe
 
 # ------------------------------------------------------------------------------------------- box noise
 
@@ -77,9 +79,7 @@ def _batch(b: int = 2, m: int = 3, seed: int = 0, input_hw: tuple[int, int] = (S
 
 
 def _module(**kwargs):
-    from samlight.prompts import CorrectiveClicks
     from samlight.training.module import SamModule
-    from samlight.training.optim import AdamWRecipe
 
     defaults = dict(
         variant="tiny",
@@ -131,3 +131,56 @@ def test_training_clicks_never_fall_in_the_padding(monkeypatch):
         assert (x <= hw[:, 1:] - 1).all() and (y <= hw[:, :1] - 1).all(), "a click fell in the padding"
         # Background clicks on the false positives inside the image (the only error there is).
         assert (episode.click_labels == 0).any()
+
+
+# ------------------------------------------------------------------------------------ non-finite steps
+
+
+def _optimizer_snapshot(module, optimizer) -> dict[str, torch.Tensor]:
+    snap = {f"param/{n}": p.detach().clone() for n, p in module.named_parameters()}
+    names = {id(p): n for n, p in module.named_parameters()}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            snap[f"{key}/{names[id(p)]}"] = value.detach().clone()
+    return snap
+
+
+def _train_step(module, optimizer, batch) -> torch.Tensor:
+    optimizer.zero_grad()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    return loss
+
+
+@pytest.mark.filterwarnings("ignore:.*self.trainer")
+def test_nonfinite_step_is_a_true_noop_and_its_count_is_checkpointed():
+    module = _module(
+        optimizer=AdamWRecipe(warmup_steps=0, weight_decay=0.1),
+        clicks=CorrectiveClicks(num_clicks=1, mask_only_rounds=0),
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
+    _train_step(module, optimizer, _batch(seed=1))  # moments and step counts exist and are non-zero
+    before = _optimizer_snapshot(module, optimizer)
+    assert any(k.startswith("exp_avg/") for k in before) and any(k.startswith("step/") for k in before)
+    poisoned = _batch(seed=2)
+    poisoned.images[0, 0, 0, 0] = float("nan")
+    assert not torch.isfinite(_train_step(module, optimizer, poisoned))
+    after = _optimizer_snapshot(module, optimizer)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not moved, f"a skipped step changed {moved[:5]} (+{max(len(moved) - 5, 0)})"
+    assert float(module._skipped_nonfinite) == 1.0
+    # The next finite step trains again, and the count survives a checkpoint.
+    _train_step(module, optimizer, _batch(seed=3))
+    assert not torch.equal(
+        _optimizer_snapshot(module, optimizer)["param/model.mask_decoder.iou_token.weight"],
+        after["param/model.mask_decoder.iou_token.weight"],
+    )
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = _module()
+    resumed.on_load_checkpoint(checkpoint)
+    resumed_optimizer = resumed.configure_optimizers()["optimizer"]
+    assert not torch.isfinite(_train_step(resumed, resumed_optimizer, poisoned))
+    assert float(resumed._skipped_nonfinite) == 2.0

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from samlight.datamodules.batch import SegmentationBatch
@@ -201,10 +202,12 @@ class SamModule(LightningModule):
         return torch.stack(parts).mean(0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero a non-finite step's gradients on the device (no host sync) and count it.
+        """Skip a non-finite step entirely, on the device (no host sync), and count it.
 
-        AdamW then applies only momentum and weight decay: the weights stay finite. The flag is reduced across
-        ranks so every replica skips together.
+        The fused AdamW that `AdamWRecipe` builds reads `optimizer.found_inf` (the flag `torch.amp.GradScaler`
+        uses): when it is 1 the kernel leaves weights, both moments and the step count untouched, so weight
+        decay and moment decay do not move either. Another optimizer gets zeroed gradients instead (a warning
+        says its moments still decay). The flag is reduced across ranks so every replica skips together.
         """
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -216,12 +219,30 @@ class SamModule(LightningModule):
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag > 0
-        for g in local:
-            g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
-        if self._skipped_nonfinite is None or self._skipped_nonfinite.device != finite.device:
-            self._skipped_nonfinite = torch.zeros((), device=finite.device)
-        self._skipped_nonfinite = self._skipped_nonfinite + (~finite).float()
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~finite).float()
+        else:
+            if not getattr(self, "_warned_unfused", False):
+                rank_zero_warn(
+                    f"{type(optimizer).__name__} is not a fused AdamW: a non-finite step zeroes the gradients, "
+                    "but weight decay and moment decay still apply (AdamWRecipe's optimizer skips exactly)"
+                )
+                self._warned_unfused = True
+            for g in local:
+                g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+        count = self._skipped_nonfinite
+        count = torch.zeros((), device=finite.device) if count is None else count.to(finite.device)
+        self._skipped_nonfinite = count + (~finite).float()
         self.log("train/skipped_nonfinite", self._skipped_nonfinite, reduce_fx="max")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the count of skipped non-finite steps with the run (read back by `on_load_checkpoint`)."""
+        count = self._skipped_nonfinite
+        checkpoint["samlight_skipped_nonfinite"] = 0 if count is None else int(count)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "samlight_skipped_nonfinite" in checkpoint:
+            self._skipped_nonfinite = torch.tensor(float(checkpoint["samlight_skipped_nonfinite"]))
 
     # ------------------------------------------------------------------------------------------ validation
 
