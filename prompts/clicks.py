@@ -41,17 +41,17 @@ class CorrectiveClicks:
             f"mode={self.mode!r})"
         )
 
-    def schedule(self) -> list[bool]:
+    def schedule(self, generator: torch.Generator | None = None) -> list[bool]:
         """One flag per round after the first: True = the round adds a click, False = mask-only round.
 
-        The random position of the mask-only rounds is drawn from torch's default CPU generator (seeded by
-        `seed_everything`), so drawing it never waits for the device.
+        The random position of the mask-only rounds is drawn on the CPU (`generator`, a CPU generator, or
+        torch's default one), so drawing it never waits for the device.
         """
         rounds = [True] * self.num_clicks
         if self.mask_only_rounds == 0:
             return rounds
         for _ in range(self.mask_only_rounds - 1):
-            position = int(torch.randint(len(rounds) + 1, (1,)))
+            position = int(torch.randint(len(rounds) + 1, (1,), generator=generator))
             rounds.insert(position, False)
         return rounds + [False]
 

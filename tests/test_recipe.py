@@ -184,3 +184,41 @@ def test_nonfinite_step_is_a_true_noop_and_its_count_is_checkpointed():
     resumed_optimizer = resumed.configure_optimizers()["optimizer"]
     assert not torch.isfinite(_train_step(resumed, resumed_optimizer, poisoned))
     assert float(resumed._skipped_nonfinite) == 2.0
+
+
+# ------------------------------------------------------------------------------ randomness of each rank
+
+
+def _draws_of_rank(module, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """What rank `rank` draws at the start of a run seeded with `seed`: prompt types, rounds, drop path."""
+    from unittest import mock
+
+    from lightning.pytorch import seed_everything
+
+    from samlight.training.module import SamModule
+
+    seed_everything(seed, verbose=False)  # as a Trainer run does, alike on every rank
+    with mock.patch.object(SamModule, "global_rank", new_callable=mock.PropertyMock, return_value=rank):
+        module.on_fit_start()
+        rng = module.rank_randomness()
+    types = torch.empty(64, dtype=torch.long)
+    for k, (_, idx) in enumerate(module._split_by_type(64, rng)):
+        types[idx] = k
+    schedules = torch.tensor([module.clicks.schedule(rng.cpu) for _ in range(8)])
+    encoder = module.model.image_encoder.train()
+    with torch.no_grad():
+        features = encoder(torch.ones(4, 3, S, S))  # drop path: which blocks each image skips
+    return {"prompt types": types, "mask-only rounds": schedules, "drop path": features}
+
+
+def test_each_rank_draws_its_own_reproducible_randomness():
+    module = _module(model_overrides={"image_size": S, "drop_path_rate": 0.5}, clicks=CorrectiveClicks())
+    rank0, rank1 = _draws_of_rank(module, 0, seed=7), _draws_of_rank(module, 1, seed=7)
+    again0, again1 = _draws_of_rank(module, 0, seed=7), _draws_of_rank(module, 1, seed=7)
+    other_seed = _draws_of_rank(module, 1, seed=8)
+    for key in rank0:
+        assert not torch.equal(rank0[key], rank1[key]), f"ranks 0 and 1 drew the same {key}"
+        assert torch.equal(rank0[key], again0[key]) and torch.equal(rank1[key], again1[key]), key
+        assert not torch.equal(rank1[key], other_seed[key]), f"seeds 7 and 8 drew the same {key}"
+    # Both prompt types (point and box) are drawn, in about equal numbers.
+    assert 16 <= int((rank0["prompt types"] == 1).sum()) <= 48

@@ -77,6 +77,7 @@ def run_episode(
     checkpoint_rounds: bool = False,
     keep_pred_masks: bool = False,
     generator: torch.Generator | None = None,
+    schedule_generator: torch.Generator | None = None,
 ) -> Episode:
     """Run the initial round and the corrective rounds.
 
@@ -96,14 +97,15 @@ def run_episode(
         detach_feedback: stop gradients through the logits fed back as `mask_inputs` (see docs/training.md).
         checkpoint_rounds: recompute each decoder round in backward instead of storing its activations.
         keep_pred_masks: keep each round's mask (N x H x W bool) in `Episode.pred_masks`.
-        generator: random source for click sampling.
+        generator: random source for click sampling (on the masks' device).
+        schedule_generator: CPU random source of the mask-only rounds' position (see `CorrectiveClicks.schedule`).
 
     Returns:
         Episode.
     """
     size = click_gt.shape[-1]
     scale = model.image_size / size
-    schedule = clicks.schedule() if clicks is not None else []
+    schedule = clicks.schedule(schedule_generator) if clicks is not None else []
     rounds: list[RoundOutput] = []
     coords, labels, ious, preds = [], [], [], []
     initial_prompts = prompts

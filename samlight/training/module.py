@@ -6,8 +6,11 @@ corrective clicks, loss) and by the optimiser settings.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -144,16 +147,17 @@ class SamModule(LightningModule):
         region = _inside_image(
             torch.div(batch.input_sizes, 4, rounding_mode="floor"), image_index, gt.shape[-1] // 4
         )
+        rng = self.rank_randomness()
         totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
         total_weight = torch.zeros((), device=gt.device)
-        for ptype, idx in self._split_by_type(gt.shape[0], gt.device):
+        for ptype, idx in self._split_by_type(gt.shape[0], rng):
             context = PromptContext(
                 images=batch.images,
                 image_index=image_index[idx],
                 input_sizes=batch.input_sizes,
                 text_embeddings=None if text is None else text[idx],
             )
-            prompts = self._sample(ptype, gt[idx], context, generator=None)
+            prompts = self._sample(ptype, gt[idx], context, generator=rng.device)
             w = weights[idx] * ptype.mask_weights(gt[idx], context=context)
             episode = run_episode(
                 self.model,
@@ -165,6 +169,8 @@ class SamModule(LightningModule):
                 valid_region=region[idx],
                 detach_feedback=self.detach_feedback,
                 checkpoint_rounds=self.checkpoint_rounds,
+                generator=rng.device,
+                schedule_generator=rng.cpu,
             )
             parts = self._episode_loss(episode, targets[idx], w)  # 4
             group_weight = w.sum()
@@ -176,16 +182,42 @@ class SamModule(LightningModule):
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         return means[0]
 
-    def _split_by_type(self, n: int, device: torch.device) -> list[tuple[PromptType, Tensor]]:
+    def _split_by_type(self, n: int, rng: RankRandomness) -> list[tuple[PromptType, Tensor]]:
         """Assign each of n masks a prompt type by the mixture weights, as index groups of static size.
 
         The counts come from a multinomial draw on the CPU and the assignment from a random permutation on the
         device: the same distribution as an independent draw per mask, without a data-dependent shape.
         """
-        draws = torch.multinomial(self.prompt_weights, n, replacement=True)
+        draws = torch.multinomial(self.prompt_weights, n, replacement=True, generator=rng.cpu)
         counts = torch.bincount(draws, minlength=len(self.prompt_types)).tolist()
-        order = torch.randperm(n, device=device)
+        order = torch.randperm(n, device=rng.device.device, generator=rng.device)
         return [(p, idx) for p, idx in zip(self.prompt_types, order.split(counts)) if idx.numel() > 0]
+
+    # ------------------------------------------------------------------------------------------ randomness
+
+    def on_fit_start(self) -> None:
+        self.seed_rank_randomness()
+
+    def seed_rank_randomness(self) -> None:
+        """Give this rank its own random streams, derived from the run seed, the rank and the current step.
+
+        `seed_everything` seeds every rank alike; at one image per GPU every GPU would then draw the same prompt
+        types, clicks, mask-only rounds and drop-path pattern. Here each rank reseeds torch's global RNG (timm's
+        drop path draws from it) and makes the generators of the training step's prompts and clicks
+        (`rank_randomness`). The same seed gives the same streams again; a resumed run continues with streams
+        of its own (the step is part of the seed), never a replay of the first steps' draws.
+        """
+        seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+        torch.manual_seed(seed)
+        self._rng = RankRandomness.from_seed(seed, self.device)
+
+    def rank_randomness(self) -> RankRandomness:
+        """This rank's generators (made from the run seed on first use when no Trainer called `on_fit_start`)."""
+        rng = getattr(self, "_rng", None)
+        if rng is None or rng.device.device != self.device:
+            seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+            self._rng = rng = RankRandomness.from_seed(seed, self.device)
+        return rng
 
     def _sample(self, ptype: PromptType, gt: Tensor, context: PromptContext, generator) -> Any:
         prompts = ptype.sample(gt, context=context, generator=generator)
@@ -384,6 +416,36 @@ class SamModule(LightningModule):
                 return ptype
         known = sorted(set(self.val_prompts) | {p.name for p in self.prompt_types})
         raise KeyError(f"SamModule.interact: no prompt type named {name!r}; configured: {known}")
+
+
+@dataclass
+class RankRandomness:
+    """The random streams of one rank's training steps.
+
+    Attributes:
+        cpu: CPU generator (prompt-type counts, mask-only round positions: drawn without waiting for the device).
+        device: generator on the module's device (prompt noise and points, the prompt-type assignment, clicks).
+    """
+
+    cpu: torch.Generator
+    device: torch.Generator
+
+    @classmethod
+    def from_seed(cls, seed: int, device: torch.device) -> RankRandomness:
+        seeds = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+        cpu = torch.Generator().manual_seed(int(seeds[0]))
+        return cls(cpu=cpu, device=torch.Generator(device=device).manual_seed(int(seeds[1])))
+
+
+def run_seed() -> int:
+    """The run's seed: `seed_everything`'s (PL_GLOBAL_SEED), else the seed torch's global RNG started from."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed()
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for (run seed, rank, step): numpy's SeedSequence keeps the streams statistically apart."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _flatten_slots(batch: SegmentationBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
