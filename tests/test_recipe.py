@@ -131,6 +131,9 @@ def test_training_clicks_never_fall_in_the_padding(monkeypatch):
         assert (x <= hw[:, 1:] - 1).all() and (y <= hw[:, :1] - 1).all(), "a click fell in the padding"
         # Background clicks on the false positives inside the image (the only error there is).
         assert (episode.click_labels == 0).any()
+    # The paper's first prompt: a point or a box, with equal odds (9 masks here).
+    drawn = {("box" if e.prompts.boxes is not None else "point"): e.image_index.numel() for e in episodes}
+    assert set(drawn) == {"point", "box"} and min(drawn.values()) >= 2, drawn
 
 
 # ------------------------------------------------------------------------------------ non-finite steps
@@ -222,3 +225,116 @@ def test_each_rank_draws_its_own_reproducible_randomness():
         assert not torch.equal(rank1[key], other_seed[key]), f"seeds 7 and 8 drew the same {key}"
     # Both prompt types (point and box) are drawn, in about equal numbers.
     assert 16 <= int((rank0["prompt types"] == 1).sum()) <= 48
+
+
+# ------------------------------------------------------------------- the episode: feedback and clicks
+
+
+class _ScriptedSam:
+    """Stands in for `Sam.decode`: scripted round-0 outputs, then the mask fed back; records every call.
+
+    Mask 0, a tall thin object (columns 1-3, rows 2-13): output 2 has the highest predicted IoU and covers its
+    top half only, so the only error is a false negative in rows 8-13. Mask 1, a wide object (rows 10-12):
+    output 0 has the highest predicted IoU, covers it and adds a false positive in rows 0-3, columns 12-15.
+    Outputs 0 and 1 of mask 0 and outputs 1 and 2 of mask 1 are deliberately wrong everywhere.
+    """
+
+    image_size = 64  # click frame 16 x 16: 4 input pixels per click-frame pixel
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        gt = torch.zeros(2, 16, 16, dtype=torch.bool)
+        gt[0, 2:14, 1:4] = True
+        gt[1, 10:13, 4:15] = True
+        outputs = torch.full((2, 3, 16, 16), -5.0)
+        outputs[0, 1] = 5.0  # everything
+        outputs[0, 2, 2:8, 1:4] = 5.0  # top half of the object
+        outputs[1, 0][gt[1]] = 5.0
+        outputs[1, 0, 0:4, 12:16] = 5.0  # plus a false positive
+        outputs[1, 2] = 5.0
+        self.gt, self.outputs = gt, outputs
+        self.iou = torch.tensor([[0.1, 0.2, 0.9], [0.9, 0.1, 0.2]])
+
+    def decode(self, image_embeddings, image_index, prompts, multimask_output):
+        self.calls.append((prompts, multimask_output))
+        if multimask_output:
+            return self.outputs.clone(), self.iou.clone()
+        return prompts.mask_inputs.clone(), torch.full((2, 1), 0.5)
+
+
+def _click_frame(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-pixel (x, y) of N clicks -> click-frame column and row indices (N long each)."""
+    xy = ((coords + 0.5) / 4 - 0.5).round().long()
+    return xy[:, 0], xy[:, 1]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "center"])
+def test_episode_feeds_back_the_best_mask_and_clicks_on_its_errors(mode):
+    from samlight.prompts import Prompts
+    from samlight.training.episode import run_episode
+
+    sam = _ScriptedSam()
+    first = Prompts(point_coords=torch.tensor([[[9.5, 25.5]], [[33.5, 45.5]]]), point_labels=torch.ones(2, 1))
+    clicks = CorrectiveClicks(
+        num_clicks=1, mask_only_rounds=1, mode=mode
+    )  # rounds: initial, click, mask-only
+    episode = run_episode(
+        sam,
+        torch.zeros(1, 1, 4, 4),
+        torch.zeros(2, dtype=torch.long),
+        first,
+        sam.gt,
+        clicks,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [multimask for _, multimask in sam.calls] == [True, False, False]
+    assert episode.rounds[0].best.tolist() == [2, 0]  # the highest predicted IoU, not output 0
+    chosen = sam.outputs[torch.arange(2), torch.tensor([2, 0])][:, None]  # N x 1 x 16 x 16
+    round1, _ = sam.calls[1]
+    assert torch.equal(round1.mask_inputs, chosen), "the mask fed back is not the highest-IoU output"
+    # The click of round 1: the initial point kept, one click added where the chosen mask was wrong.
+    assert round1.point_coords.shape == (2, 2, 2)
+    assert torch.equal(round1.point_coords[:, :1], first.point_coords)
+    col, row = _click_frame(round1.point_coords[:, 1])
+    assert 1 <= col[0] <= 3 and 8 <= row[0] <= 13, "mask 0: click not in its false negative"
+    assert 12 <= col[1] <= 15 and 0 <= row[1] <= 3, "mask 1: click not in its false positive"
+    assert round1.point_labels[:, 1].tolist() == [1, 0]  # missed foreground = positive, extra = negative
+    assert torch.equal(episode.click_coords[:, 0], round1.point_coords[:, 1])
+    assert episode.click_labels[:, 0].tolist() == [1, 0]
+    # The mask-only round adds no click and feeds back round 1's mask.
+    round2, _ = sam.calls[2]
+    assert torch.equal(round2.point_coords, round1.point_coords)
+    assert torch.equal(round2.mask_inputs, chosen)
+    # IoU of the mask passed on: mask 0 covers 18 of 36 object pixels; mask 1 33 + 16 false positives.
+    assert episode.ious[0].tolist() == pytest.approx([0.5, 33 / 49])
+
+
+# ------------------------------------------------------------------------- masks over 90% of the image
+
+
+def test_masks_over_90_percent_of_the_image_are_dropped():
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from samlight.datamodules.decode import decode_sa1b_sample
+
+    h, w = 20, 30
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(buffer, format="JPEG")
+    annotations = []
+    for rows in (20, 19, 18, 17, 3):  # 100%, 95%, 90%, 85%, 15% of the image
+        mask = np.zeros((h, w), np.uint8)
+        mask[:rows] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        annotations.append({"segmentation": rle, "area": int(mask.sum())})
+    record = json.dumps({"image": {"height": h, "width": w}, "annotations": annotations}).encode()
+    sample = decode_sa1b_sample(buffer.getvalue(), record, image_size=32, max_masks=8)
+    areas = sorted(round(float(a)) for a in torch.as_tensor(sample.masks).flatten(1).float().sum(1))
+    # Resized 20 x 30 -> 21 x 32 (longest side 32): the 90% (19 rows), 85% and 15% masks stay, the 95% (20
+    # rows) and the full one go.
+    assert len(areas) == 3 and areas[-1] == 19 * 32 and areas[0] > 0
