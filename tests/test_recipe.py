@@ -6,6 +6,8 @@ Each test here was written against a wrong implementation first (see docs/traini
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -338,3 +340,110 @@ def test_masks_over_90_percent_of_the_image_are_dropped():
     # Resized 20 x 30 -> 21 x 32 (longest side 32): the 90% (19 rows), 85% and 15% masks stay, the 95% (20
     # rows) and the full one go.
     assert len(areas) == 3 and areas[-1] == 19 * 32 and areas[0] > 0
+
+
+# ------------------------------------------------------------------- encoder-only initialisation (MAE)
+
+
+def _mae_file(tmp_path, *, patch_size: int = 16, img_size: int = 64, embed_dim: int = 64, depth: int = 2):
+    """An MAE-style pre-training checkpoint of a small timm ViT: {"model": encoder + MAE decoder keys}."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=2, num_classes=0
+    )
+    state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    # Smooth over the grid like MAE's sin-cos embedding (timm inits it near zero): ramps with random slopes.
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    ramp = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
+    slopes = torch.randn(2, embed_dim)
+    grid = ramp[:, None, None] * slopes[0] + ramp[None, :, None] * slopes[1]  # side x side x D
+    state["pos_embed"] = torch.cat([torch.randn(1, embed_dim), grid.reshape(-1, embed_dim)])[None]
+    state["mask_token"] = torch.zeros(1, 1, 32)
+    state["decoder_embed.weight"] = torch.zeros(32, embed_dim)
+    path = tmp_path / "mae_pretrain_vit.pth"
+    torch.save({"model": state}, path)
+    return path, state
+
+
+def test_encoder_only_init_from_an_mae_vit(tmp_path):
+    import torch.nn.functional as F
+
+    from samlight import build_sam
+
+    path, vit = _mae_file(tmp_path)
+    torch.manual_seed(0)
+    reference = build_sam("tiny")
+    torch.manual_seed(0)
+    model = build_sam("tiny", encoder_checkpoint=path)
+    encoder = model.image_encoder.state_dict()
+    for i in range(2):
+        assert torch.equal(encoder[f"blocks.{i}.attn.qkv.weight"], vit[f"blocks.{i}.attn.qkv.weight"])
+        assert torch.equal(encoder[f"blocks.{i}.mlp.lin1.weight"], vit[f"blocks.{i}.mlp.fc1.weight"])
+        assert torch.equal(encoder[f"blocks.{i}.norm2.bias"], vit[f"blocks.{i}.norm2.bias"])
+        # MAE has no relative position tables: zeros, as the official image encoder starts them.
+        assert (
+            not encoder[f"blocks.{i}.attn.rel_pos_h"].any()
+            and not encoder[f"blocks.{i}.attn.rel_pos_w"].any()
+        )
+    assert torch.equal(encoder["patch_embed.proj.weight"], vit["patch_embed.proj.weight"])
+    # The 4 x 4 MAE grid (class token dropped) resampled to the tiny model's 16 x 16 grid: pooled back, it is
+    # the MAE embedding again.
+    pos = encoder["pos_embed"]
+    assert pos.shape == (1, 16, 16, 64)
+    mae_grid = vit["pos_embed"][0, 1:].reshape(4, 4, 64)
+    pooled = F.avg_pool2d(pos[0].permute(2, 0, 1), 4).permute(1, 2, 0)
+    assert torch.allclose(pooled, mae_grid, atol=0.15 * mae_grid.abs().max())
+    # Neck, prompt encoder and mask decoder keep their init.
+    for name, value in reference.state_dict().items():
+        if not name.startswith("image_encoder.") or name.startswith("image_encoder.neck."):
+            assert torch.equal(model.state_dict()[name], value), name
+    assert torch.isfinite(model.encode_images(torch.randn(1, 3, 256, 256))).all()
+
+
+def test_encoder_only_init_resizes_patch_embedding_and_sam_tables(tmp_path):
+    from samlight import build_sam
+
+    path, vit = _mae_file(tmp_path, patch_size=8, img_size=32)  # patch 8: resampled to SAM's 16
+    model = build_sam("tiny", encoder_checkpoint=path)
+    assert model.image_encoder.patch_embed.proj.weight.shape == (64, 3, 16, 16)
+    # An image_encoder.* subset of a SAM trained at 256 px, into one whose encoder is built for 128 px.
+    torch.manual_seed(2)
+    source = build_sam("tiny")
+    with torch.no_grad():
+        for name, p in source.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                p.normal_()
+    subset = {k: v for k, v in source.state_dict().items() if k.startswith("image_encoder.")}
+    torch.save(subset, tmp_path / "encoder.pth")
+    small = build_sam(
+        "tiny", encoder_img_size=128, image_size=128, encoder_checkpoint=tmp_path / "encoder.pth"
+    )
+    got, want = small.image_encoder.state_dict(), source.image_encoder.state_dict()
+    assert torch.equal(got["blocks.1.mlp.lin2.weight"], want["blocks.1.mlp.lin2.weight"])
+    assert torch.equal(got["neck.0.weight"], want["neck.0.weight"])  # a SAM encoder brings its neck
+    assert got["pos_embed"].shape == (1, 8, 8, 64) and want["pos_embed"].shape == (1, 16, 16, 64)
+    table = got["blocks.1.attn.rel_pos_h"]  # global block: 2 x 8 - 1 rows instead of 2 x 16 - 1
+    assert table.shape == (15, 32) and table.any()
+
+
+def test_encoder_only_init_is_strict_with_clear_errors(tmp_path):
+    from samlight import build_sam, save_official
+    from samlight.training.module import SamModule
+
+    path, vit = _mae_file(tmp_path, depth=1)  # the tiny model has 2 blocks
+    with pytest.raises(ValueError, match=r"missing keys.*blocks\.1\.attn\.qkv\.weight"):
+        build_sam("tiny", encoder_checkpoint=path)
+    path, _ = _mae_file(tmp_path, embed_dim=32)
+    with pytest.raises(ValueError, match=r"shape mismatches.*blocks\.0\.attn\.qkv\.weight"):
+        build_sam("tiny", encoder_checkpoint=path)
+    path, vit = _mae_file(tmp_path)
+    torch.save({**vit, "blocks.0.attn.q_norm.weight": torch.ones(32)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys.*q_norm"):
+        build_sam("tiny", encoder_checkpoint=tmp_path / "extra.pth")
+    save_official(build_sam("tiny"), tmp_path / "sam.pth")
+    with pytest.raises(ValueError, match="full SAM checkpoint.*model.checkpoint"):
+        build_sam("tiny", encoder_checkpoint=tmp_path / "sam.pth")
+    with pytest.raises(ValueError, match="either"):
+        SamModule(variant="tiny", checkpoint=str(tmp_path / "sam.pth"), encoder_checkpoint=str(path))

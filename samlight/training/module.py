@@ -38,6 +38,9 @@ class SamModule(LightningModule):
     Args:
         variant: model variant for `samlight.build_sam` ("tiny", "vit_b", "vit_l", "vit_h").
         checkpoint: weights to start from (official .pth, Lightning .ckpt, safetensors); None = random init.
+        encoder_checkpoint: image-encoder-only start, as SAM pre-training (MAE ViT, timm ViT state dict or an
+            `image_encoder.*` subset; position embeddings resized, relative position tables zero); the rest
+            random. Exclusive with `checkpoint`.
         model_overrides: extra `build_sam` overrides, e.g. {"drop_path_rate": 0.4, "grad_checkpointing": true}.
         prompts: prompt types of the first round in training (class_path objects or short names such as
             "point"); default: point and box, as in the paper.
@@ -61,6 +64,7 @@ class SamModule(LightningModule):
         *,
         variant: str = "tiny",
         checkpoint: str | None = None,
+        encoder_checkpoint: str | None = None,
         model_overrides: dict[str, Any] | None = None,
         prompts: list[PromptType | str] | None = None,
         prompt_weights: list[float] | None = None,
@@ -99,7 +103,12 @@ class SamModule(LightningModule):
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
         self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
-        self.model = self._build_model(variant, checkpoint, model_overrides or {})
+        if checkpoint is not None and encoder_checkpoint is not None:
+            raise ValueError(
+                "SamModule: give either model.checkpoint (a whole SAM) or model.encoder_checkpoint (the image "
+                "encoder only, e.g. MAE weights), not both"
+            )
+        self.model = self._build_model(variant, checkpoint, encoder_checkpoint, model_overrides or {})
         freeze_parts(self.model, freeze or [])
         if lora:
             apply_lora(self.model, **lora)
@@ -107,7 +116,9 @@ class SamModule(LightningModule):
         self._skipped_nonfinite: Tensor | None = None
         self.miou_history: list[tuple[int, float]] = []
 
-    def _build_model(self, variant: str, checkpoint: str | None, overrides: dict[str, Any]):
+    def _build_model(
+        self, variant: str, checkpoint: str | None, encoder_checkpoint: str | None, overrides: dict[str, Any]
+    ):
         from samlight.modeling.build import build_sam
 
         text_dims = {p.text_embed_dim for p in [*self.prompt_types, *self.val_prompts.values()]} - {None}
@@ -115,7 +126,7 @@ class SamModule(LightningModule):
             raise ValueError(f"text prompt types disagree on the CLIP embedding width: {sorted(text_dims)}")
         if text_dims and "text_embed_dim" not in overrides:
             overrides = {**overrides, "text_embed_dim": text_dims.pop()}
-        return build_sam(variant, checkpoint=checkpoint, **overrides)
+        return build_sam(variant, checkpoint=checkpoint, encoder_checkpoint=encoder_checkpoint, **overrides)
 
     # ----------------------------------------------------------------------------------------------- setup
 
