@@ -41,9 +41,6 @@ class BoxPrompt(PromptType):
         self.noise_std = noise_std
         self.max_noise = max_noise
 
-    def __repr__(self) -> str:
-        return f"BoxPrompt(noise_std={self.noise_std}, max_noise={self.max_noise})"
-
     def sample(
         self,
         gt_masks: Tensor,

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samlight.prompts.base import ShowsConfig
+
 MODES = ("uniform", "center")
 
 
-class CorrectiveClicks:
+class CorrectiveClicks(ShowsConfig):
     """Corrective-click simulation as in the SAM paper (App. A) and its evaluation protocol (D.1).
 
     Args:
@@ -34,12 +36,6 @@ class CorrectiveClicks:
         self.num_clicks = num_clicks
         self.mask_only_rounds = mask_only_rounds
         self.mode = mode
-
-    def __repr__(self) -> str:
-        return (
-            f"CorrectiveClicks(num_clicks={self.num_clicks}, mask_only_rounds={self.mask_only_rounds}, "
-            f"mode={self.mode!r})"
-        )
 
     def schedule(self, generator: torch.Generator | None = None) -> list[bool]:
         """One flag per round after the first: True = the round adds a click, False = mask-only round.
