@@ -6,16 +6,21 @@ mutmut records which test reaches which mutant by the module name the function r
 installed layout (`samlight/`, `samlight/prompts/`, ...) plus `tests/` and `pyproject.toml` in a scratch
 folder, runs `mutmut run` there with the `[tool.mutmut]` settings of pyproject.toml, and prints the kill rate.
 
-    python scripts/mutation_test.py [--stage DIR] [--max-children N] [--timeout SECONDS]
+    python scripts/mutation_test.py [--stage DIR] [--max-children N] [--timeout SECONDS] [MUTANT_GLOB ...]
+
+Globs (e.g. "samlight.prompts.box*") are run one after the other, so a bounded run covers them in that order.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +50,22 @@ def main() -> int:
     parser.add_argument("--stage", type=Path, default=Path("/tmp/samlight-mutmut"))
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=3600, help="stop mutmut after this many seconds")
+    parser.add_argument("globs", nargs="*", help="mutant name globs, run in this order (default: all)")
     args = parser.parse_args()
     args.stage.mkdir(parents=True, exist_ok=True)
     stage(args.stage)
-    run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    try:
-        subprocess.run(run, cwd=args.stage, timeout=args.timeout, check=False)
-    except subprocess.TimeoutExpired:
-        print(f"mutmut stopped after {args.timeout} s: the rates below cover the mutants tested so far")
+    deadline = time.monotonic() + args.timeout
+    for names in [[glob] for glob in args.globs] or [[]]:
+        run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *names]
+        # Its own process group: on timeout the forkserver and its workers end with it, none left orphaned.
+        process = subprocess.Popen(run, cwd=args.stage, start_new_session=True)
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            print(f"mutmut stopped after {args.timeout} s: the rates below cover the mutants tested so far")
+            break
     results = subprocess.run(
         [sys.executable, "-m", "mutmut", "results", "--all", "true"],
         cwd=args.stage,

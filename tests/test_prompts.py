@@ -181,3 +181,22 @@ def test_text_prompt_trains_the_text_projection():
     assert module.model.prompt_encoder.text_proj.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in module.prompt_types[0]._clip[0].parameters())  # CLIP stays frozen
     assert not any("clip" in k.lower() for k in module.state_dict())  # and is not saved
+
+
+def test_box_of_masks_at_the_frame_corners_and_argument_checks():
+    from samlight.prompts.box import boxes_from_masks
+
+    gt = torch.zeros(3, 8, 8, dtype=torch.bool)
+    gt[0, 0, 0] = True  # the top-left pixel only
+    gt[1, 0, 2:5] = True  # a segment in row 0
+    gt[2, 7, 7] = True  # the bottom-right pixel
+    assert boxes_from_masks(gt).tolist() == [[0, 0, 0, 0], [2, 0, 4, 0], [7, 7, 7, 7]]
+    assert boxes_from_masks(torch.zeros(1, 8, 8, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="noise_std and max_noise"):
+        BoxPrompt(noise_std=-0.1)
+    with pytest.raises(ValueError, match="noise_std and max_noise"):
+        BoxPrompt(max_noise=-1.0)
+    # A cap of 0 (or under a pixel) is allowed: 0 gives the exact box whatever noise_std says.
+    exact = BoxPrompt(noise_std=0.0).sample(_masks()).boxes
+    assert torch.equal(BoxPrompt(max_noise=0.0).sample(_masks(), generator=torch.Generator()).boxes, exact)
+    assert BoxPrompt(max_noise=0.5).max_noise == 0.5

@@ -114,6 +114,7 @@ class SamModule(LightningModule):
             apply_lora(self.model, **lora)
         self._val_metrics = MeanAccumulator()
         self._skipped_nonfinite: Tensor | None = None
+        self._rng: RankRandomness | None = None  # this rank's training-step generators (seed_rank_randomness)
         self.miou_history: list[tuple[int, float]] = []
 
     def _build_model(
@@ -224,7 +225,7 @@ class SamModule(LightningModule):
 
     def rank_randomness(self) -> RankRandomness:
         """This rank's generators (made from the run seed on first use when no Trainer called `on_fit_start`)."""
-        rng = getattr(self, "_rng", None)
+        rng = self._rng
         if rng is None or rng.device.device != self.device:
             seed = stream_seed(run_seed(), self.global_rank, self.global_step)
             self._rng = rng = RankRandomness.from_seed(seed, self.device)
