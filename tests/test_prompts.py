@@ -192,9 +192,9 @@ def test_box_of_masks_at_the_frame_corners_and_argument_checks():
     gt[2, 7, 7] = True  # the bottom-right pixel
     assert boxes_from_masks(gt).tolist() == [[0, 0, 0, 0], [2, 0, 4, 0], [7, 7, 7, 7]]
     assert boxes_from_masks(torch.zeros(1, 8, 8, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]]
-    with pytest.raises(ValueError, match="noise_std and max_noise"):
+    with pytest.raises(ValueError, match="BoxPrompt: noise_std and max_noise"):
         BoxPrompt(noise_std=-0.1)
-    with pytest.raises(ValueError, match="noise_std and max_noise"):
+    with pytest.raises(ValueError, match="BoxPrompt: noise_std and max_noise"):
         BoxPrompt(max_noise=-1.0)
     # A cap of 0 (or under a pixel) is allowed: 0 gives the exact box whatever noise_std says.
     exact = BoxPrompt(noise_std=0.0).sample(_masks()).boxes

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from samlight.prompts import BoxPrompt, CorrectiveClicks
+from samlight.prompts import BoxPrompt, CorrectiveClicks, PromptContext
 from samlight.training.optim import AdamWRecipe
 
 # ------------------------------------------------------------------------------------------- box noise
@@ -46,6 +46,41 @@ def test_box_noise_std_is_ten_percent_of_the_side_capped_at_20px():
     # Corners move independently of each other.
     per_box = large.view(-1, 4)
     assert abs(torch.corrcoef(per_box.T)[0, 2]) < 0.1
+
+
+def test_box_noise_follows_each_side_and_keeps_corners_in_order():
+    gt = torch.zeros(1, 128, 128, dtype=torch.bool)
+    gt[0, 40:80, 60:70] = True  # 10 px wide, 40 px high: x std 1 px, y std 4 px
+    exact = BoxPrompt(noise_std=0.0).sample(gt).boxes
+    offsets = (
+        BoxPrompt().sample(gt.expand(4000, -1, -1), generator=torch.Generator().manual_seed(0)).boxes - exact
+    )
+    std = offsets.std(0)  # x0, y0, x1, y1
+    assert torch.allclose(std, torch.tensor([1.0, 4.0, 1.0, 4.0]), rtol=0.05), std
+    # Corners that cross are swapped back per axis: x with x, y with y, whatever the box's place.
+    gt = torch.zeros(2, 128, 128, dtype=torch.bool)
+    gt[0, 80:100, 20:40] = True  # centre (x, y) = (29.5, 89.5)
+    gt[1, 20:40, 80:100] = True  # centre (89.5, 29.5)
+    boxes = BoxPrompt(noise_std=0.5).sample(gt.repeat(1000, 1, 1), generator=torch.Generator().manual_seed(1))
+    boxes = boxes.boxes.view(1000, 2, 4)
+    assert (boxes[..., 2:] >= boxes[..., :2]).all()
+    centres = (boxes[..., :2] + boxes[..., 2:]).mean(0) / 2  # 2 x 2 (x, y)
+    assert torch.allclose(centres, torch.tensor([[29.5, 89.5], [89.5, 29.5]]), atol=1.0), centres
+
+
+def test_noisy_boxes_are_clamped_to_the_frame_or_the_image():
+    gt = torch.zeros(1, 64, 64, dtype=torch.bool)
+    gt[0, 20:40, 20:40] = True
+    wild = BoxPrompt(noise_std=5.0, max_noise=1000.0)
+    boxes = wild.sample(gt.expand(200, -1, -1), generator=torch.Generator().manual_seed(0)).boxes
+    assert boxes.min() == 0 and boxes.max() == 63  # reaches both edges of the frame, never beyond
+    context = PromptContext(
+        image_index=torch.zeros(200, dtype=torch.long), input_sizes=torch.tensor([[50, 44]])
+    )
+    boxes = wild.sample(
+        gt.expand(200, -1, -1), context=context, generator=torch.Generator().manual_seed(0)
+    ).boxes
+    assert boxes.min() == 0 and boxes[:, 0::2].max() == 43 and boxes[:, 1::2].max() == 49  # W = 44, H = 50
 
 
 # ------------------------------------------------------------------------------- clicks inside the image
