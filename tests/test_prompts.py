@@ -200,3 +200,11 @@ def test_box_of_masks_at_the_frame_corners_and_argument_checks():
     exact = BoxPrompt(noise_std=0.0).sample(_masks()).boxes
     assert torch.equal(BoxPrompt(max_noise=0.0).sample(_masks(), generator=torch.Generator()).boxes, exact)
     assert BoxPrompt(max_noise=0.5).max_noise == 0.5
+
+
+def test_point_prompt_argument_checks():
+    with pytest.raises(ValueError, match="PointPrompt: num_points must be >= 1, got 0"):
+        PointPrompt(num_points=0)
+    with pytest.raises(ValueError, match="PointPrompt: mode must be 'uniform' or 'center', got 'middle'"):
+        PointPrompt(mode="middle")
+    assert PointPrompt(num_points=1).num_points == 1  # the smallest allowed
