@@ -37,7 +37,19 @@ class PromptContext:
     text_embeddings: Tensor | None = None
 
 
-class PromptType(ABC):
+class ShowsConfig:
+    """`repr` as the constructor call, e.g. `BoxPrompt(noise_std=0.1, max_noise=20.0)`.
+
+    For configuration objects whose public attributes are their keyword arguments, in order (YAML dumps and
+    error messages name the object with it).
+    """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class PromptType(ShowsConfig, ABC):
     """One kind of initial prompt (point, box, mask, text, ...): ground-truth masks in, `Prompts` out.
 
     Subclasses set `name` (the short name used in metric names such as `val/<name>/miou@1`) and implement

@@ -26,11 +26,11 @@ def boxes_from_masks(masks: Tensor) -> Tensor:
 
 
 class BoxPrompt(PromptType):
-    """The box around each mask, each coordinate jittered by noise with std `noise_std` x the box side.
+    """The box around each mask, each coordinate moved by Gaussian noise of std `noise_std` x the box side.
 
     Args:
         noise_std: noise std as a fraction of the box width (x) or height (y); 0 gives the exact box (evaluation).
-        max_noise: cap on the noise of each coordinate, in input pixels.
+        max_noise: cap on that std, in input pixels (paper: 20); the offsets themselves are not clipped.
     """
 
     name = "box"
@@ -40,9 +40,6 @@ class BoxPrompt(PromptType):
             raise ValueError("BoxPrompt: noise_std and max_noise must be >= 0")
         self.noise_std = noise_std
         self.max_noise = max_noise
-
-    def __repr__(self) -> str:
-        return f"BoxPrompt(noise_std={self.noise_std}, max_noise={self.max_noise})"
 
     def sample(
         self,
@@ -56,10 +53,10 @@ class BoxPrompt(PromptType):
         n, size = gt_masks.shape[0], gt_masks.shape[-1]
         if self.noise_std > 0:
             sides = (boxes[:, 2:] - boxes[:, :2] + 1).repeat(1, 2)  # N x 4: w, h, w, h
-            noise = (
-                torch.randn(boxes.shape, generator=generator, device=boxes.device) * self.noise_std * sides
-            )
-            boxes = boxes + noise.clamp(-self.max_noise, self.max_noise)
+            # The paper caps the std, not the noise: clamping the offsets instead would pile most corners
+            # of a large box exactly at +-max_noise.
+            std = (self.noise_std * sides).clamp(max=self.max_noise)  # N x 4
+            boxes = boxes + torch.randn(boxes.shape, generator=generator, device=boxes.device) * std
         limit = torch.full((n, 2), float(size - 1), device=boxes.device)  # N x 2: x max, y max
         if context is not None and context.input_sizes is not None and context.image_index is not None:
             hw = context.input_sizes.to(boxes.device)[context.image_index]  # N x 2 (H, W)

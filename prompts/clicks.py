@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samlight.prompts.base import ShowsConfig
+
 MODES = ("uniform", "center")
 
 
-class CorrectiveClicks:
+class CorrectiveClicks(ShowsConfig):
     """Corrective-click simulation as in the SAM paper (App. A) and its evaluation protocol (D.1).
 
     Args:
@@ -35,49 +37,51 @@ class CorrectiveClicks:
         self.mask_only_rounds = mask_only_rounds
         self.mode = mode
 
-    def __repr__(self) -> str:
-        return (
-            f"CorrectiveClicks(num_clicks={self.num_clicks}, mask_only_rounds={self.mask_only_rounds}, "
-            f"mode={self.mode!r})"
-        )
-
-    def schedule(self) -> list[bool]:
+    def schedule(self, generator: torch.Generator | None = None) -> list[bool]:
         """One flag per round after the first: True = the round adds a click, False = mask-only round.
 
-        The random position of the mask-only rounds is drawn from torch's default CPU generator (seeded by
-        `seed_everything`), so drawing it never waits for the device.
+        The random position of the mask-only rounds is drawn on the CPU (`generator`, a CPU generator, or
+        torch's default one), so drawing it never waits for the device.
         """
         rounds = [True] * self.num_clicks
         if self.mask_only_rounds == 0:
             return rounds
         for _ in range(self.mask_only_rounds - 1):
-            position = int(torch.randint(len(rounds) + 1, (1,)))
+            position = int(torch.randint(len(rounds) + 1, (1,), generator=generator))
             rounds.insert(position, False)
         return rounds + [False]
 
     def next_clicks(
-        self, gt_masks: Tensor, pred_masks: Tensor, generator: torch.Generator | None = None
+        self,
+        gt_masks: Tensor,
+        pred_masks: Tensor,
+        generator: torch.Generator | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The next click for each of N masks.
 
         A click lies in the error region; its label is 1 on a false negative (missed foreground) and 0 on a
         false positive. A perfect prediction has no error region: the click then goes on the object (label 1),
         or on the background (label 0) when the ground truth is empty, so the result is always a valid click.
+        With `valid`, every click lies inside it (a user clicks on the image, never on its padding).
 
         Args:
             gt_masks: N x H x W bool.
             pred_masks: N x H x W bool.
             generator: random source on the masks' device (mode "uniform").
+            valid: N x H x W bool, the pixels of the image inside the padded frame; None = the whole frame.
 
         Returns:
             coords: N x 1 x 2 float, (x, y) pixel indices in the H x W frame.
             labels: N x 1 long.
         """
         gt_masks, pred_masks = gt_masks.bool(), pred_masks.bool()
+        frame = torch.ones_like(gt_masks) if valid is None else valid.bool().expand_as(gt_masks)
+        gt_masks, pred_masks = gt_masks & frame, pred_masks & frame
         false_neg = gt_masks & ~pred_masks
         false_pos = pred_masks & ~gt_masks
         if self.mode == "uniform":
-            region = _with_fallback(false_neg | false_pos, gt_masks)
+            region = _with_fallback(false_neg | false_pos, gt_masks, frame)
             flat = random_pixel(region, generator)
         else:
             # The paper's protocol: the pixel farthest from the boundary of its own error region (false
@@ -85,18 +89,18 @@ class CorrectiveClicks:
             # without error has an empty false-negative region, so its fallback region takes that slot.
             error = false_neg | false_pos
             has_error = error.flatten(1).any(1)[:, None, None]
-            first = torch.where(has_error, false_neg, _with_fallback(error, gt_masks))
+            first = torch.where(has_error, false_neg, _with_fallback(error, gt_masks, frame))
             dist = distance_to_boundary(torch.cat([first, false_pos])).flatten(1)  # 2N x HW
             flat = dist.view(2, -1, dist.shape[-1]).amax(0).argmax(1)
         labels = gt_masks.flatten(1).gather(1, flat[:, None]).long()  # N x 1
         return pixel_coords(flat, gt_masks.shape[-1])[:, None, :], labels
 
 
-def _with_fallback(error: Tensor, gt_masks: Tensor) -> Tensor:
-    """The error region, or for masks without error the object (or the whole frame if the object is empty)."""
+def _with_fallback(error: Tensor, gt_masks: Tensor, frame: Tensor) -> Tensor:
+    """The error region, or for masks without error the object (or the image `frame` if the object is empty)."""
     has_error = error.flatten(1).any(1)[:, None, None]
     has_object = gt_masks.flatten(1).any(1)[:, None, None]
-    return torch.where(has_error, error, torch.where(has_object, gt_masks, torch.ones_like(gt_masks)))
+    return torch.where(has_error, error, torch.where(has_object, gt_masks, frame))
 
 
 def random_pixel(region: Tensor, generator: torch.Generator | None = None) -> Tensor:

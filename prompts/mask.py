@@ -28,12 +28,6 @@ class MaskPrompt(PromptType):
         self.noise_std = noise_std
         self.logit_scale = logit_scale
 
-    def __repr__(self) -> str:
-        return (
-            f"MaskPrompt(coarse_factor={self.coarse_factor}, noise_std={self.noise_std}, "
-            f"logit_scale={self.logit_scale})"
-        )
-
     def sample(
         self,
         gt_masks: Tensor,

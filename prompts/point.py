@@ -29,9 +29,6 @@ class PointPrompt(PromptType):
         self.num_points = num_points
         self.mode = mode
 
-    def __repr__(self) -> str:
-        return f"PointPrompt(num_points={self.num_points}, mode={self.mode!r})"
-
     def sample(
         self,
         gt_masks: Tensor,

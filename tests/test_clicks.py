@@ -100,3 +100,21 @@ def test_bad_arguments_raise():
         CorrectiveClicks(mode="random")
     with pytest.raises(ValueError, match=">= 0"):
         CorrectiveClicks(num_clicks=-1)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "center"])
+def test_clicks_stay_inside_the_valid_region(mode):
+    gt = torch.zeros(3, 24, 24, dtype=torch.bool)
+    gt[0, 2:6, 2:6] = True
+    gt[1, 10:14, 3:9] = True
+    valid = torch.zeros(3, 24, 24, dtype=torch.bool)
+    valid[:, :16, :12] = True  # the image: 16 rows x 12 columns, the rest is padding
+    pred = torch.ones_like(gt)  # foreground everywhere, padding included: false positives in the padding too
+    pred[2] = False  # gt[2] is empty and perfectly predicted: the fallback click must stay on the image too
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        coords, labels = CorrectiveClicks(mode=mode).next_clicks(gt, pred, g, valid=valid)
+        x, y = coords[:, 0, 0], coords[:, 0, 1]
+        assert (x < 12).all() and (y < 16).all()
+        assert labels[:, 0].tolist() == [0, 0, 0]
+        assert not _at(gt, coords).any()

@@ -89,14 +89,16 @@ def test_point_prompt_points_lie_inside_the_mask():
     assert abs(center[1] - 34.5) <= 1 and 20 + 24 <= center[0] <= 89 - 24
 
 
-def test_box_prompt_noise_is_bounded_and_clamped():
+def test_box_prompt_noise_and_clamp_to_the_image():
     gt = _masks()
     exact = BoxPrompt(noise_std=0.0).sample(gt).boxes
     assert exact[0].tolist() == [20.0, 10.0, 89.0, 59.0]
     noisy = (
         BoxPrompt(noise_std=0.1, max_noise=3.0).sample(gt, generator=torch.Generator().manual_seed(0)).boxes
     )
-    assert (noisy[:4] - exact[:4]).abs().max() <= 3.0 + 1e-5
+    # std min(10% of the side, 3 px): well inside 5 std, and the offsets are not clipped at 3 px.
+    offsets = (noisy[:2] - exact[:2]).abs()
+    assert offsets.max() <= 15.0 and offsets.max() > 3.0
     assert not torch.equal(noisy, exact)
     huge = BoxPrompt(noise_std=5.0, max_noise=1000.0)
     boxes = huge.sample(gt, context=_context(gt), generator=torch.Generator().manual_seed(1)).boxes
@@ -179,3 +181,30 @@ def test_text_prompt_trains_the_text_projection():
     assert module.model.prompt_encoder.text_proj.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in module.prompt_types[0]._clip[0].parameters())  # CLIP stays frozen
     assert not any("clip" in k.lower() for k in module.state_dict())  # and is not saved
+
+
+def test_box_of_masks_at_the_frame_corners_and_argument_checks():
+    from samlight.prompts.box import boxes_from_masks
+
+    gt = torch.zeros(3, 8, 8, dtype=torch.bool)
+    gt[0, 0, 0] = True  # the top-left pixel only
+    gt[1, 0, 2:5] = True  # a segment in row 0
+    gt[2, 7, 7] = True  # the bottom-right pixel
+    assert boxes_from_masks(gt).tolist() == [[0, 0, 0, 0], [2, 0, 4, 0], [7, 7, 7, 7]]
+    assert boxes_from_masks(torch.zeros(1, 8, 8, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="BoxPrompt: noise_std and max_noise"):
+        BoxPrompt(noise_std=-0.1)
+    with pytest.raises(ValueError, match="BoxPrompt: noise_std and max_noise"):
+        BoxPrompt(max_noise=-1.0)
+    # A cap of 0 (or under a pixel) is allowed: 0 gives the exact box whatever noise_std says.
+    exact = BoxPrompt(noise_std=0.0).sample(_masks()).boxes
+    assert torch.equal(BoxPrompt(max_noise=0.0).sample(_masks(), generator=torch.Generator()).boxes, exact)
+    assert BoxPrompt(max_noise=0.5).max_noise == 0.5
+
+
+def test_point_prompt_argument_checks():
+    with pytest.raises(ValueError, match="PointPrompt: num_points must be >= 1, got 0"):
+        PointPrompt(num_points=0)
+    with pytest.raises(ValueError, match="PointPrompt: mode must be 'uniform' or 'center', got 'middle'"):
+        PointPrompt(mode="middle")
+    assert PointPrompt(num_points=1).num_points == 1  # the smallest allowed

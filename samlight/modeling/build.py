@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from samlight.modeling.checkpoint import load_into, load_state_dict
+from samlight.modeling.checkpoint import load_encoder_weights, load_into, load_state_dict
 from samlight.modeling.image_encoder import ImageEncoderViT
 from samlight.modeling.mask_decoder import MaskDecoder
 from samlight.modeling.prompt_encoder import PromptEncoder
@@ -20,12 +20,20 @@ __all__ = ["VARIANTS", "SamConfig", "build_from_config", "build_sam", "variant_c
 log = logging.getLogger(__name__)
 
 
-def build_sam(variant: str, checkpoint: str | os.PathLike | None = None, **overrides) -> Sam:
+def build_sam(
+    variant: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    encoder_checkpoint: str | os.PathLike | None = None,
+    **overrides,
+) -> Sam:
     """Build a SAM variant (`vit_b`, `vit_l`, `vit_h`, `tiny`), optionally loading weights strictly.
 
     Args:
         variant: name in `VARIANTS`.
         checkpoint: official .pth, Lightning .ckpt, safetensors, sharded checkpoint directory or official URL.
+        encoder_checkpoint: image-encoder-only weights (MAE / timm ViT, or an `image_encoder.*` subset), the
+            rest random, as SAM pre-training starts; see `samlight.modeling.checkpoint.load_encoder_weights`.
         **overrides: any `SamConfig` field, e.g. `drop_path_rate=0.4`, `grad_checkpointing=True`,
             `text_embed_dim=512`, `image_size=512`.
 
@@ -33,6 +41,14 @@ def build_sam(variant: str, checkpoint: str | os.PathLike | None = None, **overr
         Sam in train mode (call `.eval()` for inference).
     """
     cfg = variant_config(variant, **overrides)
+    if encoder_checkpoint is not None:
+        if checkpoint is not None:
+            raise ValueError(
+                "build_sam: give either checkpoint (a whole SAM) or encoder_checkpoint (the image encoder only)"
+            )
+        model = build_from_config(cfg)
+        load_encoder_weights(model, encoder_checkpoint)
+        return model
     if checkpoint is None:
         return build_from_config(cfg)
     state = load_state_dict(checkpoint)

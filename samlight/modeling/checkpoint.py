@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samlight.modeling.variants import VARIANTS
 from samlight.modeling.weight_names import (
     SAM_PARTS,
+    encoder_only_to_official,
     hf_to_official,
     is_hf_sam,
     strip_sam_prefix,
     timm_to_official,
+    vit_prefix_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -284,3 +288,82 @@ def _download(url: str) -> Path:
         log.info("Downloading %s to %s", url, dst)
         download_url_to_file(url, str(dst), progress=True)
     return dst
+
+
+def load_encoder_weights(model: nn.Module, path_or_url: str | os.PathLike) -> None:
+    """Initialise `model.image_encoder` of a Sam from encoder-only weights, as SAM pre-training does.
+
+    The paper starts from an MAE-pretrained ViT. Accepted: an MAE checkpoint (`{"model": {...}}`), a timm ViT
+    or `samvit_*` state dict, or the `image_encoder.*` subset of a SAM checkpoint. Strict on the encoder:
+    every block weight must be in the file with the model's shape, and nothing in the file goes unused
+    except the ViT-only keys (class token, final norm, classifier, MAE decoder; logged). Adapted where the
+    input or patch size differs:
+    - the absolute position embedding is resampled to the model's patch grid (timm; class-token slot dropped);
+    - the patch-embedding kernel is resampled to the model's patch size (timm's FlexiViT resampling);
+    - relative position tables absent from the file (MAE and plain ViTs have none) start at zero, as in the
+      official image encoder; present ones of another length are resized linearly, as the official
+      `get_rel_pos` does at run time.
+    The neck (absent from plain ViTs) keeps its init; prompt encoder and mask decoder are untouched.
+    """
+    source = str(path_or_url)
+    raw = load_state_dict(path_or_url)
+    state, dropped = encoder_only_to_official(raw, source=source)
+    encoder = model.image_encoder
+    expected = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state = _fit_encoder_shapes(state, expected, prefix_tokens=vit_prefix_tokens(raw), source=source)
+    new = ("image_encoder.neck.",) if not any(k.startswith("image_encoder.neck.") for k in state) else ()
+    zero = [k for k in expected if k.endswith((".rel_pos_h", ".rel_pos_w")) and k not in state]
+    for key in zero:
+        state[key] = torch.zeros_like(expected[key])
+    check_state_dict(
+        encoder,
+        {k[len("image_encoder.") :]: v for k, v in state.items()},
+        source=source,
+        allow_missing=tuple(p[len("image_encoder.") :] for p in new),
+    )
+    encoder.load_state_dict({k[len("image_encoder.") :]: v for k, v in state.items()}, strict=not new)
+    log.info(
+        "%s: image encoder initialised (%d tensors); left out %s; zero relative position tables: %d; "
+        "new (kept init): %s",
+        source,
+        len(state) - len(zero),
+        dropped or "nothing",
+        len(zero),
+        list(new) or "none",
+    )
+
+
+def _fit_encoder_shapes(
+    state: dict[str, Tensor], expected: Mapping[str, Tensor], *, prefix_tokens: int, source: str
+) -> dict[str, Tensor]:
+    """Resample the position embedding, patch embedding and relative position tables to the model's sizes."""
+    from timm.layers import resample_abs_pos_embed_nhwc, resample_patch_embed
+
+    state = dict(state)
+    pos = state.get("image_encoder.pos_embed")
+    if pos is not None and "image_encoder.pos_embed" in expected:
+        target = expected["image_encoder.pos_embed"].shape  # 1 x G x G x D
+        if pos.ndim == 3:  # a plain ViT's 1 x (prefix + g*g) x D: drop the prefix tokens, to 1 x g x g x D
+            grid = pos.shape[1] - prefix_tokens
+            side = math.isqrt(max(grid, 0))
+            if side * side != grid:
+                raise ValueError(
+                    f"{source}: pos_embed {tuple(pos.shape)} with {prefix_tokens} prefix token(s) is not a square "
+                    "patch grid"
+                )
+            pos = pos[:, prefix_tokens:].reshape(1, side, side, pos.shape[-1])
+        if pos.ndim == 4 and pos.shape[-1] == target[-1] and pos.shape[1:3] != target[1:3]:
+            pos = resample_abs_pos_embed_nhwc(pos.float(), list(target[1:3])).to(pos.dtype)
+        state["image_encoder.pos_embed"] = pos
+    key = "image_encoder.patch_embed.proj.weight"
+    if key in state and key in expected:
+        weight, target = state[key], expected[key].shape  # D x 3 x p x p
+        if weight.shape[:2] == target[:2] and weight.shape[2:] != target[2:]:
+            state[key] = resample_patch_embed(weight.float(), list(target[2:])).to(weight.dtype)
+    for key, table in list(state.items()):
+        if key.endswith((".rel_pos_h", ".rel_pos_w")) and key in expected:
+            length, dim = expected[key].shape  # 2 * size - 1 x head dim
+            if table.shape[1] == dim and table.shape[0] != length:
+                resized = F.interpolate(table.float().T[None], size=length, mode="linear")
+                state[key] = resized[0].T.to(table.dtype)
+    return state

@@ -212,3 +212,53 @@ def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if "shared_image_embedding.positional_embedding" in out:
         out[_HF_TIED_PE] = out["shared_image_embedding.positional_embedding"]
     return out
+
+
+# ---------------------------------------------------------------------------------- encoder-only weights
+# Keys of an MAE / timm ViT that SAM's image encoder has no place for: the class, distillation and register
+# tokens, the final norm and the classifier, and MAE's pre-training decoder (`decoder_*`, `mask_token`).
+_VIT_ONLY = re.compile(
+    r"^(cls_token|dist_token|reg_token|mask_token|norm\.|fc_norm\.|head\.|head_drop\.|decoder_)"
+)
+
+
+def vit_prefix_tokens(state_dict: Mapping[str, Tensor]) -> int:
+    """How many prefix tokens (class, distillation, register) a ViT's 1 x L x D `pos_embed` starts with.
+
+    Only tokens that have a position embedding of their own count: timm's `no_embed_class` models keep
+    the class token out of `pos_embed`, and then L is a square without it (the caller checks).
+    """
+    count = int("cls_token" in state_dict) + int("dist_token" in state_dict)
+    if "reg_token" in state_dict:
+        count += int(state_dict["reg_token"].shape[1])
+    return count
+
+
+def encoder_only_to_official(
+    state_dict: Mapping[str, Tensor], *, source: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Image-encoder weights from an encoder-only file, under the official `image_encoder.*` names.
+
+    Accepts an `image_encoder.*` subset of a SAM checkpoint, a timm `samvit_*` state dict, or a plain ViT
+    (MAE pre-training, timm `vit_*`) whose blocks share SAM's names (`blocks.N.attn.qkv`, `mlp.fc1` ...).
+    Shapes are left as they are (`load_encoder_weights` resizes position embeddings).
+
+    Returns:
+        (state dict with `image_encoder.` keys, the ViT-only keys left out, e.g. `cls_token`, `norm.weight`).
+    """
+    others = sorted(
+        {k.split(".", 1)[0] for k in state_dict if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    )
+    if others:
+        raise ValueError(
+            f"{source} is a full SAM checkpoint (it has {', '.join(others)} weights): load it with "
+            "model.checkpoint, not model.encoder_checkpoint, which initialises the image encoder only"
+        )
+    if any(k.startswith("image_encoder.") for k in state_dict):
+        outside = [k for k in state_dict if not k.startswith("image_encoder.")]
+        if outside:
+            raise ValueError(f"{source} mixes image_encoder.* keys with others: {outside[:10]}")
+        return dict(state_dict), []
+    dropped = sorted(k for k in state_dict if _VIT_ONLY.match(k))
+    kept = {f"image_encoder.{k}": v for k, v in state_dict.items() if not _VIT_ONLY.match(k)}
+    return timm_to_official(kept), dropped

@@ -77,6 +77,7 @@ def run_episode(
     checkpoint_rounds: bool = False,
     keep_pred_masks: bool = False,
     generator: torch.Generator | None = None,
+    schedule_generator: torch.Generator | None = None,
 ) -> Episode:
     """Run the initial round and the corrective rounds.
 
@@ -91,18 +92,20 @@ def run_episode(
         prompts: N initial prompts (input pixels).
         click_gt: N x H x W bool, ground truth in the click frame; H must divide S.
         clicks: corrective-click simulation; None runs round 0 only.
-        valid_region: N x H x W bool, pixels inside the image (predictions outside do not count).
+        valid_region: N x H x W bool, pixels inside the image: predictions outside do not count and clicks
+            never land there.
         detach_feedback: stop gradients through the logits fed back as `mask_inputs` (see docs/training.md).
         checkpoint_rounds: recompute each decoder round in backward instead of storing its activations.
         keep_pred_masks: keep each round's mask (N x H x W bool) in `Episode.pred_masks`.
-        generator: random source for click sampling.
+        generator: random source for click sampling (on the masks' device).
+        schedule_generator: CPU random source of the mask-only rounds' position (see `CorrectiveClicks.schedule`).
 
     Returns:
         Episode.
     """
     size = click_gt.shape[-1]
     scale = model.image_size / size
-    schedule = clicks.schedule() if clicks is not None else []
+    schedule = clicks.schedule(schedule_generator) if clicks is not None else []
     rounds: list[RoundOutput] = []
     coords, labels, ious, preds = [], [], [], []
     initial_prompts = prompts
@@ -110,7 +113,7 @@ def run_episode(
     for r in range(1 + len(schedule)):
         if r > 0:
             if schedule[r - 1]:
-                xy, lab = clicks.next_clicks(click_gt, preds[-1], generator=generator)  # N x 1 x 2, N x 1
+                xy, lab = clicks.next_clicks(click_gt, preds[-1], generator, valid_region)  # N x 1 x 2, N x 1
                 xy = (xy + 0.5) * scale - 0.5  # click-frame pixel centre -> input pixels
                 coords.append(xy)
                 labels.append(lab)

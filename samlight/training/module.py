@@ -6,15 +6,19 @@ corrective clicks, loss) and by the optimiser settings.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from samlight.datamodules.batch import SegmentationBatch
@@ -51,6 +55,9 @@ class SamModule(LightningModule):
     Args:
         variant: model variant for `samlight.build_sam` ("tiny", "vit_b", "vit_l", "vit_h").
         checkpoint: weights to start from (official .pth, Lightning .ckpt, safetensors); None = random init.
+        encoder_checkpoint: image-encoder-only start, as SAM pre-training (MAE ViT, timm ViT state dict or an
+            `image_encoder.*` subset; position embeddings resized, relative position tables zero); the rest
+            random. Exclusive with `checkpoint`.
         model_overrides: extra `build_sam` overrides, e.g. {"drop_path_rate": 0.4, "grad_checkpointing": true}.
         prompts: prompt types of the first round in training (class_path objects or short names such as
             "point"); default: point and box, as in the paper.
@@ -74,6 +81,7 @@ class SamModule(LightningModule):
         *,
         variant: str = "tiny",
         checkpoint: str | None = None,
+        encoder_checkpoint: str | None = None,
         model_overrides: dict[str, Any] | None = None,
         prompts: list[PromptType | str] | None = None,
         prompt_weights: list[float] | None = None,
@@ -112,32 +120,38 @@ class SamModule(LightningModule):
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
         self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
+        if checkpoint is not None and encoder_checkpoint is not None:
+            raise ValueError(
+                "SamModule: give either model.checkpoint (a whole SAM) or model.encoder_checkpoint (the image "
+                "encoder only, e.g. MAE weights), not both"
+            )
         # The start weights are read now, unless the module is about to be restored from a checkpoint (which is
         # then self-sufficient: the .pth may have moved, and ViT-H would re-read 2.5 GB only to overwrite them).
-        self._pending_start_weights = checkpoint if _DEFER_START_WEIGHTS.get() else None
-        self.model = self._make_model(None if self._pending_start_weights else checkpoint)
+        start = (checkpoint, encoder_checkpoint)
+        defer = _DEFER_START_WEIGHTS.get() and start != (None, None)
+        self._pending_start_weights = start if defer else None
+        self.model = self._make_model(*((None, None) if defer else start))
         self._val_metrics = MeanAccumulator()
         self._skipped_nonfinite: Tensor | None = None
+        self._rng: RankRandomness | None = None  # this rank's training-step generators (seed_rank_randomness)
         self.miou_history: list[tuple[int, float]] = []
 
-    def _make_model(self, checkpoint: str | None):
+    def _make_model(self, checkpoint: str | None, encoder_checkpoint: str | None):
         """The `Sam` of this module's hyperparameters: built, start weights loaded, parts frozen, LoRA applied."""
         hp = self.hparams
-        model = self._build_model(hp.variant, checkpoint, hp.model_overrides or {})
+        model = self._build_model(hp.variant, checkpoint, encoder_checkpoint, hp.model_overrides or {})
         freeze_parts(model, hp.freeze or [])
         if hp.lora:
             apply_lora(model, **hp.lora)
         return model
 
     def load_start_weights(self) -> None:
-        """Load deferred start weights (`model.checkpoint`) now: the run restores nothing after all (e.g. a first
-        run with `--ckpt_path last`). Call before training starts; a no-op when nothing is pending."""
+        """Load deferred start weights (`model.checkpoint` / `model.encoder_checkpoint`) now: the run restores
+        nothing after all (e.g. a first run with `--ckpt_path last`). Call before training starts; a no-op when
+        nothing is pending."""
         if self._pending_start_weights is not None:
-            self.model = self._make_model(self._pending_start_weights)
+            self.model = self._make_model(*self._pending_start_weights)
             self._pending_start_weights = None
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_start_weights = None  # every weight comes from the checkpoint
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> SamModule:
@@ -145,7 +159,9 @@ class SamModule(LightningModule):
         with initial_weights_deferred():
             return super().load_from_checkpoint(*args, **kwargs)
 
-    def _build_model(self, variant: str, checkpoint: str | None, overrides: dict[str, Any]):
+    def _build_model(
+        self, variant: str, checkpoint: str | None, encoder_checkpoint: str | None, overrides: dict[str, Any]
+    ):
         from samlight.modeling.build import build_sam
 
         text_dims = {p.text_embed_dim for p in [*self.prompt_types, *self.val_prompts.values()]} - {None}
@@ -153,7 +169,7 @@ class SamModule(LightningModule):
             raise ValueError(f"text prompt types disagree on the CLIP embedding width: {sorted(text_dims)}")
         if text_dims and "text_embed_dim" not in overrides:
             overrides = {**overrides, "text_embed_dim": text_dims.pop()}
-        return build_sam(variant, checkpoint=checkpoint, **overrides)
+        return build_sam(variant, checkpoint=checkpoint, encoder_checkpoint=encoder_checkpoint, **overrides)
 
     # ----------------------------------------------------------------------------------------------- setup
 
@@ -180,16 +196,22 @@ class SamModule(LightningModule):
         # Loss and clicks at the low-res logit size; see samlight/loss.py for why.
         targets = F.avg_pool2d(gt[:, None].float(), 4)[:, 0]  # N x S/4 x S/4 soft
         click_gt = targets >= 0.5
+        # Click-frame pixels wholly inside the image (floor), so that a click's centre, mapped back to input
+        # pixels, never lands in the padding.
+        region = _inside_image(
+            torch.div(batch.input_sizes, 4, rounding_mode="floor"), image_index, gt.shape[-1] // 4
+        )
+        rng = self.rank_randomness()
         totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
         total_weight = torch.zeros((), device=gt.device)
-        for ptype, idx in self._split_by_type(gt.shape[0], gt.device):
+        for ptype, idx in self._split_by_type(gt.shape[0], rng):
             context = PromptContext(
                 images=batch.images,
                 image_index=image_index[idx],
                 input_sizes=batch.input_sizes,
                 text_embeddings=None if text is None else text[idx],
             )
-            prompts = self._sample(ptype, gt[idx], context, generator=None)
+            prompts = self._sample(ptype, gt[idx], context, generator=rng.device)
             w = weights[idx] * ptype.mask_weights(gt[idx], context=context)
             episode = run_episode(
                 self.model,
@@ -198,8 +220,11 @@ class SamModule(LightningModule):
                 prompts,
                 click_gt[idx],
                 self.clicks,
+                valid_region=region[idx],
                 detach_feedback=self.detach_feedback,
                 checkpoint_rounds=self.checkpoint_rounds,
+                generator=rng.device,
+                schedule_generator=rng.cpu,
             )
             parts = self._episode_loss(episode, targets[idx], w)  # 4
             group_weight = w.sum()
@@ -213,16 +238,42 @@ class SamModule(LightningModule):
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         return means[0]
 
-    def _split_by_type(self, n: int, device: torch.device) -> list[tuple[PromptType, Tensor]]:
+    def _split_by_type(self, n: int, rng: RankRandomness) -> list[tuple[PromptType, Tensor]]:
         """Assign each of n masks a prompt type by the mixture weights, as index groups of static size.
 
         The counts come from a multinomial draw on the CPU and the assignment from a random permutation on the
         device: the same distribution as an independent draw per mask, without a data-dependent shape.
         """
-        draws = torch.multinomial(self.prompt_weights, n, replacement=True)
+        draws = torch.multinomial(self.prompt_weights, n, replacement=True, generator=rng.cpu)
         counts = torch.bincount(draws, minlength=len(self.prompt_types)).tolist()
-        order = torch.randperm(n, device=device)
+        order = torch.randperm(n, device=rng.device.device, generator=rng.device)
         return [(p, idx) for p, idx in zip(self.prompt_types, order.split(counts)) if idx.numel() > 0]
+
+    # ------------------------------------------------------------------------------------------ randomness
+
+    def on_fit_start(self) -> None:
+        self.seed_rank_randomness()
+
+    def seed_rank_randomness(self) -> None:
+        """Give this rank its own random streams, derived from the run seed, the rank and the current step.
+
+        `seed_everything` seeds every rank alike; at one image per GPU every GPU would then draw the same prompt
+        types, clicks, mask-only rounds and drop-path pattern. Here each rank reseeds torch's global RNG (timm's
+        drop path draws from it) and makes the generators of the training step's prompts and clicks
+        (`rank_randomness`). The same seed gives the same streams again; a resumed run continues with streams
+        of its own (the step is part of the seed), never a replay of the first steps' draws.
+        """
+        seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+        torch.manual_seed(seed)
+        self._rng = RankRandomness.from_seed(seed, self.device)
+
+    def rank_randomness(self) -> RankRandomness:
+        """This rank's generators (made from the run seed on first use when no Trainer called `on_fit_start`)."""
+        rng = self._rng
+        if rng is None or rng.device.device != self.device:
+            seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+            self._rng = rng = RankRandomness.from_seed(seed, self.device)
+        return rng
 
     def _sample(self, ptype: PromptType, gt: Tensor, context: PromptContext, generator) -> Any:
         prompts = ptype.sample(gt, context=context, generator=generator)
@@ -239,10 +290,12 @@ class SamModule(LightningModule):
         return torch.stack(parts).mean(0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero a non-finite step's gradients on the device (no host sync) and count it.
+        """Skip a non-finite step entirely, on the device (no host sync), and count it.
 
-        AdamW then applies only momentum and weight decay: the weights stay finite. The flag is reduced across
-        ranks so every replica skips together.
+        The fused AdamW that `AdamWRecipe` builds reads `optimizer.found_inf` (the flag `torch.amp.GradScaler`
+        uses): when it is 1 the kernel leaves weights, both moments and the step count untouched, so weight
+        decay and moment decay do not move either. Another optimizer gets zeroed gradients instead (a warning
+        says its moments still decay). The flag is reduced across ranks so every replica skips together.
         """
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -254,12 +307,31 @@ class SamModule(LightningModule):
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag > 0
-        for g in local:
-            g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
-        if self._skipped_nonfinite is None or self._skipped_nonfinite.device != finite.device:
-            self._skipped_nonfinite = torch.zeros((), device=finite.device)
-        self._skipped_nonfinite = self._skipped_nonfinite + (~finite).float()
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~finite).float()
+        else:
+            if not getattr(self, "_warned_unfused", False):
+                rank_zero_warn(
+                    f"{type(optimizer).__name__} is not a fused AdamW: a non-finite step zeroes the gradients, "
+                    "but weight decay and moment decay still apply (AdamWRecipe's optimizer skips exactly)"
+                )
+                self._warned_unfused = True
+            for g in local:
+                g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+        count = self._skipped_nonfinite
+        count = torch.zeros((), device=finite.device) if count is None else count.to(finite.device)
+        self._skipped_nonfinite = count + (~finite).float()
         self.log("train/skipped_nonfinite", self._skipped_nonfinite, reduce_fx="max")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the count of skipped non-finite steps with the run (read back by `on_load_checkpoint`)."""
+        count = self._skipped_nonfinite
+        checkpoint["samlight_skipped_nonfinite"] = 0 if count is None else int(count)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_start_weights = None  # every weight comes from the checkpoint
+        if "samlight_skipped_nonfinite" in checkpoint:
+            self._skipped_nonfinite = torch.tensor(float(checkpoint["samlight_skipped_nonfinite"]))
 
     # ------------------------------------------------------------------------------------------ validation
 
@@ -401,6 +473,36 @@ class SamModule(LightningModule):
                 return ptype
         known = sorted(set(self.val_prompts) | {p.name for p in self.prompt_types})
         raise KeyError(f"SamModule.interact: no prompt type named {name!r}; configured: {known}")
+
+
+@dataclass
+class RankRandomness:
+    """The random streams of one rank's training steps.
+
+    Attributes:
+        cpu: CPU generator (prompt-type counts, mask-only round positions: drawn without waiting for the device).
+        device: generator on the module's device (prompt noise and points, the prompt-type assignment, clicks).
+    """
+
+    cpu: torch.Generator
+    device: torch.Generator
+
+    @classmethod
+    def from_seed(cls, seed: int, device: torch.device) -> RankRandomness:
+        seeds = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+        cpu = torch.Generator().manual_seed(int(seeds[0]))
+        return cls(cpu=cpu, device=torch.Generator(device=device).manual_seed(int(seeds[1])))
+
+
+def run_seed() -> int:
+    """The run's seed: `seed_everything`'s (PL_GLOBAL_SEED), else the seed torch's global RNG started from."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed()
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for (run seed, rank, step): numpy's SeedSequence keeps the streams statistically apart."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _flatten_slots(batch: SegmentationBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -135,7 +135,9 @@ def build_adamw(
             "no trainable parameters: every part of the model is frozen (model.freeze lists all three parts) "
             "and no LoRA is configured"
         )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    # Fused: one kernel per step, and it honours `optimizer.found_inf`, which SamModule sets to skip a
+    # non-finite step without touching weights, moments or step counts (see SamModule.on_before_optimizer_step).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
 class AdamWRecipe:
