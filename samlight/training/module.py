@@ -19,7 +19,8 @@ from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, che
 from samlight.prompts.box import BoxPrompt
 from samlight.prompts.clicks import CorrectiveClicks
 from samlight.prompts.point import PointPrompt
-from samlight.training.episode import Episode, run_episode, select_output
+from samlight.prompts.types import Prompts, merge_prompts
+from samlight.training.episode import Episode, episode_round, run_episode, select_output
 from samlight.training.loss import SamLoss
 from samlight.training.metrics import MeanAccumulator, mask_dice, mask_iou
 from samlight.training.optim import AdamWRecipe, apply_lora, merged_copy
@@ -49,6 +50,8 @@ class SamModule(LightningModule):
         detach_feedback: stop gradients through the logits fed back into the next round (default, as the paper
             feeds predictions back as prompts; gradients through 11 rounds cost memory and destabilise training).
         checkpoint_rounds: activation checkpointing per decoder round (recompute in backward).
+        compile: `torch.compile(fullgraph=True)` the training step's round (click, decoder, best mask) and
+            loss; the step has static shapes, so the graphs are built in the first steps and then reused.
         val_seed: seed of the validation prompts (the same prompts every validation).
     """
 
@@ -69,6 +72,7 @@ class SamModule(LightningModule):
         lora: dict[str, float] | None = None,
         detach_feedback: bool = True,
         checkpoint_rounds: bool = False,
+        compile: bool = False,
         val_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -92,6 +96,8 @@ class SamModule(LightningModule):
             val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
         )
         self.loss_fn = loss if loss is not None else SamLoss()
+        self._loss_fn = torch.compile(self.loss_fn.forward, fullgraph=True) if compile else self.loss_fn
+        self._round_fn = torch.compile(episode_round, fullgraph=True) if compile else None
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
         self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
@@ -133,52 +139,53 @@ class SamModule(LightningModule):
     # -------------------------------------------------------------------------------------------- training
 
     def training_step(self, batch: SegmentationBatch, batch_idx: int) -> Tensor:
+        """One interactive episode over every mask slot of the batch: the same shapes every step, no host sync.
+
+        All masks share one decoder call per round whatever their first prompt (merged token layout, see
+        `samlight.prompts.types.merge_prompts`); padding slots stay in with weight 0 so N = B*M is fixed.
+        """
         embeddings = self.model.encode_images(batch.images)  # B x C x h x w
-        gt, image_index, weights, text = _flatten_slots(batch)  # N = B*M slots, padding kept with weight 0
-        # Loss and clicks at the low-res logit size; see samlight/loss.py for why.
-        targets = F.avg_pool2d(gt[:, None].float(), 4)[:, 0]  # N x S/4 x S/4 soft
-        click_gt = targets >= 0.5
-        totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
-        total_weight = torch.zeros((), device=gt.device)
-        for ptype, idx in self._split_by_type(gt.shape[0], gt.device):
-            context = PromptContext(
-                images=batch.images,
-                image_index=image_index[idx],
-                input_sizes=batch.input_sizes,
-                text_embeddings=None if text is None else text[idx],
-            )
-            prompts = self._sample(ptype, gt[idx], context, generator=None)
-            w = weights[idx] * ptype.mask_weights(gt[idx], context=context)
-            episode = run_episode(
-                self.model,
-                embeddings,
-                image_index[idx],
-                prompts,
-                click_gt[idx],
-                self.clicks,
-                detach_feedback=self.detach_feedback,
-                checkpoint_rounds=self.checkpoint_rounds,
-            )
-            parts = self._episode_loss(episode, targets[idx], w)  # 4
-            group_weight = w.sum()
-            totals = totals + parts * group_weight
-            total_weight = total_weight + group_weight
-        means = totals / total_weight.clamp(min=1.0)
+        # Loss and clicks at the low-res logit size; see samlight/training/loss.py for why.
+        targets, image_index, weights, text = _flatten_slots(batch)  # N x S/4 x S/4 soft, N, N, N x D | None
+        click_gt = targets >= 0.5  # N x S/4 x S/4
+        context = PromptContext(
+            images=batch.images, image_index=image_index, input_sizes=batch.input_sizes, text_embeddings=text
+        )
+        gt = _prompt_frame_masks(batch, click_gt, self.model.image_size)  # N x S x S bool
+        prompts, type_weights = self._initial_prompts(gt, context)
+        episode = run_episode(
+            self.model,
+            embeddings,
+            image_index,
+            prompts,
+            click_gt,
+            self.clicks,
+            detach_feedback=self.detach_feedback,
+            checkpoint_rounds=self.checkpoint_rounds,
+            round_fn=self._round_fn,
+        )
+        means = self._episode_loss(episode, targets, weights * type_weights)  # 4
         batch_size = batch.images.shape[0]
         for name, value in zip(("loss", "loss_focal", "loss_dice", "loss_iou"), means):
+            # Detached device tensors: Lightning reduces them and reads them on the host only when it logs.
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         return means[0]
 
-    def _split_by_type(self, n: int, device: torch.device) -> list[tuple[PromptType, Tensor]]:
-        """Assign each of n masks a prompt type by the mixture weights, as index groups of static size.
+    def _initial_prompts(self, gt: Tensor, context: PromptContext) -> tuple[Prompts, Tensor]:
+        """Round-0 prompts of N masks, each mask's type drawn by the mixture weights, and the N loss weights.
 
-        The counts come from a multinomial draw on the CPU and the assignment from a random permutation on the
-        device: the same distribution as an independent draw per mask, without a data-dependent shape.
+        Every configured type samples all N masks (static shapes) and `merge_prompts` keeps each mask's own;
+        the draw is an inverse-CDF lookup on the device (no count leaves it).
         """
-        draws = torch.multinomial(self.prompt_weights, n, replacement=True)
-        counts = torch.bincount(draws, minlength=len(self.prompt_types)).tolist()
-        order = torch.randperm(n, device=device)
-        return [(p, idx) for p, idx in zip(self.prompt_types, order.split(counts)) if idx.numel() > 0]
+        n = gt.shape[0]
+        candidates = [self._sample(p, gt, context, generator=None) for p in self.prompt_types]
+        type_weights = torch.stack([p.mask_weights(gt, context=context) for p in self.prompt_types])  # K x N
+        if len(candidates) == 1:
+            return candidates[0], type_weights[0]
+        cdf = (self.prompt_weights.cumsum(0) / self.prompt_weights.sum()).to(gt.device)  # K
+        draw = torch.rand(n, device=gt.device)
+        choice = torch.searchsorted(cdf, draw, right=True).clamp(max=len(candidates) - 1)  # N
+        return merge_prompts(candidates, choice), type_weights.gather(0, choice[None])[0]
 
     def _sample(self, ptype: PromptType, gt: Tensor, context: PromptContext, generator) -> Any:
         prompts = ptype.sample(gt, context=context, generator=generator)
@@ -190,7 +197,7 @@ class SamModule(LightningModule):
         """Mean over rounds of (loss, focal, dice, iou) -> 4."""
         parts = []
         for out in episode.rounds:
-            result = self.loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
+            result = self._loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
             parts.append(torch.stack([result.loss, result.focal, result.dice, result.iou]))
         return torch.stack(parts).mean(0)
 
@@ -360,13 +367,30 @@ class SamModule(LightningModule):
 
 
 def _flatten_slots(batch: SegmentationBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """All B*M mask slots with static shapes: gt N x S x S bool, image_index N, weights N, text N x D | None."""
+    """All B*M mask slots with static shapes: soft targets N x S/4 x S/4, image_index N, weights N, text N x D.
+
+    Padding slots are kept with weight 0. The targets come from the batch's `mask_targets` when the loader
+    sent masks in the loss frame (training), else they are area-pooled from its S x S masks.
+    """
     b, m = batch.mask_valid.shape
-    gt = batch.masks.flatten(0, 1)  # (B*M) x S x S
-    image_index = torch.arange(b, device=gt.device).repeat_interleave(m)
+    targets = batch.soft_targets().flatten(0, 1)  # (B*M) x S/4 x S/4
+    image_index = torch.arange(b, device=targets.device).repeat_interleave(m)
     weights = batch.mask_valid.flatten().float()
     text = None if batch.text_embeddings is None else batch.text_embeddings.flatten(0, 1)
-    return gt, image_index, weights, text
+    return targets, image_index, weights, text
+
+
+def _prompt_frame_masks(batch: SegmentationBatch, click_gt: Tensor, size: int) -> Tensor:
+    """N x S x S bool masks for the prompt plugins (their contract is the input frame).
+
+    The batch's own masks when it has them; otherwise the S/4 loss-frame masks repeated 4 x 4 on the device,
+    which is all a training batch carries (a box or point is then placed within a 4-pixel cell of the exact
+    mask's; the loss still sees the exact soft targets).
+    """
+    if batch.masks is not None:
+        return batch.masks.flatten(0, 1)
+    factor = size // click_gt.shape[-1]
+    return click_gt.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
 
 
 def _valid_slots(batch: SegmentationBatch, max_per_image: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
