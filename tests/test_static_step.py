@@ -227,7 +227,7 @@ def test_episode_compiles_fullgraph():
 
     def episode(embeddings):
         ep = run_episode(model, embeddings, index, prompts, click_gt, clicks, schedule=schedule)
-        return torch.stack([r.low_res_logits for r in ep.rounds]), ep.click_coords
+        return torch.cat([r.low_res_logits.flatten(1) for r in ep.rounds], 1), ep.click_coords
 
     with torch._inductor.config.patch(fallback_random=True):
         torch.manual_seed(3)
