@@ -236,3 +236,16 @@ def test_episode_compiles_fullgraph():
         compiled = torch.compile(episode, fullgraph=True)(emb)  # raises on any graph break
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1])
+
+
+def test_loss_compiles_fullgraph():
+    from samlight.training.loss import SamLoss
+
+    torch._dynamo.reset()
+    loss = SamLoss()
+    logits, iou = torch.randn(5, 3, 16, 16), torch.rand(5, 3)
+    targets, weights = torch.rand(5, 16, 16), torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    eager = loss(logits, iou, targets, weights)
+    compiled = torch.compile(loss.forward, fullgraph=True)(logits, iou, targets, weights)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.best_output, eager.best_output)

@@ -96,7 +96,7 @@ class SamModule(LightningModule):
             val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
         )
         self.loss_fn = loss if loss is not None else SamLoss()
-        self._loss_fn = torch.compile(self.loss_fn.forward, fullgraph=True) if compile else self.loss_fn
+        self._compiled_loss = torch.compile(self.loss_fn.forward, fullgraph=True) if compile else None
         self._round_fn = torch.compile(episode_round, fullgraph=True) if compile else None
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
@@ -195,9 +195,10 @@ class SamModule(LightningModule):
 
     def _episode_loss(self, episode: Episode, targets: Tensor, weights: Tensor) -> Tensor:
         """Mean over rounds of (loss, focal, dice, iou) -> 4."""
+        loss_fn = self._compiled_loss or self.loss_fn
         parts = []
         for out in episode.rounds:
-            result = self._loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
+            result = loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
             parts.append(torch.stack([result.loss, result.focal, result.dice, result.iou]))
         return torch.stack(parts).mean(0)
 
