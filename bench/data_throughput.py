@@ -6,9 +6,13 @@ for:
   (a) baseline: full-size PIL decode, every mask decoded with pycocotools, image (bilinear) and every mask
       (nearest-exact, uint8) resized with torch interpolate to the model size, normalised and padded, then up to
       `max_masks` masks kept;
-  (b) samlight on the raw shard: `decode_sa1b_sample` (reduced-size JPEG decode, only the sampled masks decoded);
-  (c) samlight on the prepared shard: the same function on `samlight data prepare` output.
-All three read the shard through the same tar reader. Ratios are against (a), measured in the same run.
+  (b) samlight on the raw shard: `decode_sa1b_sample` as a training worker runs it (reduced-size JPEG decode, only
+      the sampled masks decoded, straight into the loss frame: S/4 soft targets, uint8);
+  (c) samlight on the prepared shard: the same function on `samlight data prepare` output;
+  (b-eval), (c-eval): the same with the full S x S masks that validation keeps (the evaluation protocol).
+All read the shard through the same tar reader. Ratios are against (a), measured in the same run. "MB/img" is
+what one image puts into the batch (image float32 + masks or targets), i.e. what is collated, pinned and copied
+to the device.
 
     python bench/data_throughput.py [--images 16] [--masks 100] [--repeats 3]
 """
@@ -114,29 +118,47 @@ def baseline_loader(jpg: bytes, record_bytes: bytes, *, image_size: int, max_mas
 
 
 def samlight_loader(jpg: bytes, record_bytes: bytes, *, image_size: int, max_masks: int, rng) -> tuple:
-    sample = decode_sa1b_sample(jpg, record_bytes, image_size=image_size, max_masks=max_masks, rng=rng)
+    """A training worker's decode: masks as S/4 soft targets (M x S/4 x S/4 uint8)."""
+    sample = decode_sa1b_sample(
+        jpg, record_bytes, image_size=image_size, max_masks=max_masks, rng=rng, mask_frame="targets"
+    )
+    return sample.image, sample.mask_targets
+
+
+def samlight_eval_loader(jpg: bytes, record_bytes: bytes, *, image_size: int, max_masks: int, rng) -> tuple:
+    """The same with full-resolution masks (M x S x S bool), as validation keeps them."""
+    sample = decode_sa1b_sample(
+        jpg, record_bytes, image_size=image_size, max_masks=max_masks, rng=rng, mask_frame="input"
+    )
     return sample.image, sample.masks
 
 
 def measure(shard: Path, loader: Callable, *, image_size: int, max_masks: int, repeats: int) -> dict:
     """Best-of-`repeats` pass over the shard: images per CPU-second (process time) and per wall-second."""
-    best_cpu, best_wall, count, masks = float("inf"), float("inf"), 0, 0
+    best_cpu, best_wall, count, masks, nbytes = float("inf"), float("inf"), 0, 0, 0
     for repeat in range(repeats):
         rng = np.random.default_rng(repeat)
         summary = ConvertSummary()
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        count = masks = 0
+        count = masks = nbytes = 0
         for sample in iter_samples(str(shard), summary):
             image, sample_masks = loader(
                 sample.image, sample.members["json"], image_size=image_size, max_masks=max_masks, rng=rng
             )
             count += 1
             masks += sample_masks.shape[0]
+            nbytes += image.nbytes + sample_masks.nbytes
         best_cpu = min(best_cpu, time.process_time() - cpu0)
         best_wall = min(best_wall, time.perf_counter() - wall0)
         if summary.num_skipped:
             raise RuntimeError(f"benchmark shard has skipped samples: {summary.skipped}")
-    return {"images": count, "masks_per_image": masks / max(count, 1), "cpu_s": best_cpu, "wall_s": best_wall}
+    return {
+        "images": count,
+        "masks_per_image": masks / max(count, 1),
+        "mb_per_image": nbytes / max(count, 1) / 1e6,
+        "cpu_s": best_cpu,
+        "wall_s": best_wall,
+    }
 
 
 def main() -> None:
@@ -173,19 +195,22 @@ def main() -> None:
         kwargs = {"image_size": args.image_size, "max_masks": args.max_masks, "repeats": args.repeats}
         rows = [
             ("(a) baseline: full decode + all masks + torch resize", measure(raw, baseline_loader, **kwargs)),
-            ("(b) samlight fast path, raw SA-1B shard", measure(raw, samlight_loader, **kwargs)),
-            ("(c) samlight fast path, prepared shard", measure(prepared_shard, samlight_loader, **kwargs)),
+            ("(b) samlight training path, raw SA-1B shard", measure(raw, samlight_loader, **kwargs)),
+            ("(c) samlight training path, prepared shard", measure(prepared_shard, samlight_loader, **kwargs)),
+            ("(b-eval) full-res masks, raw shard", measure(raw, samlight_eval_loader, **kwargs)),
+            ("(c-eval) full-res masks, prepared shard", measure(prepared_shard, samlight_eval_loader, **kwargs)),
         ]
     base = rows[0][1]["images"] / rows[0][1]["cpu_s"]
     print(
         f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, best of {args.repeats}"
     )
-    print(f"{'loader':55s} {'img/CPU-s':>10s} {'img/wall-s':>11s} {'masks/img':>10s} {'vs (a)':>7s}")
+    print(f"{'loader':55s} {'img/CPU-s':>10s} {'img/wall-s':>11s} {'masks/img':>10s} {'MB/img':>7s} {'vs (a)':>7s}")  # fmt: skip
     for name, row in rows:
         per_cpu = row["images"] / row["cpu_s"]
         per_wall = row["images"] / row["wall_s"]
         print(
-            f"{name:55s} {per_cpu:10.2f} {per_wall:11.2f} {row['masks_per_image']:10.1f} {per_cpu / base:6.1f}x"
+            f"{name:55s} {per_cpu:10.2f} {per_wall:11.2f} {row['masks_per_image']:10.1f} "
+            f"{row['mb_per_image']:7.1f} {per_cpu / base:6.1f}x"
         )
 
 

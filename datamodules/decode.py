@@ -6,7 +6,10 @@ This is the data workers' hot path, also used by `bench/data_throughput.py`:
 - masks covering more than `max_mask_area` of the image are dropped using the json `area` (no decode);
 - only the sampled masks are decoded, straight from their run lengths at the nearest-neighbour sample positions of
   the resized frame (identical to a full pycocotools decode followed by `F.interpolate(mode="nearest-exact")`),
-  so a 1500 x 2250 mask never materialises.
+  so a 1500 x 2250 mask never materialises;
+- for training, the masks go straight to the loss frame (`decode_mask_targets`: S/4 soft targets as uint8
+  counts, 4 MB per image at 64 masks and S = 1024 instead of 64 MB of S x S bools); the full S x S masks are
+  decoded only where the evaluation protocol needs them (validation).
 """
 
 from __future__ import annotations
@@ -176,9 +179,58 @@ def decode_masks(
     Returns:
         M x S x S bool, equal to pycocotools decode + nearest-exact resize + pad.
     """
-    (height, width), (h, w) = original_size, input_size
+    h, w = input_size
     if not rles:
         return torch.zeros(0, size, size, dtype=torch.bool)
+    masks, col_of_x = _sampled_columns(rles, original_size, input_size)  # M x w' x h uint8 (column-major)
+    masks = masks.view(torch.bool)
+    if col_of_x is not None:
+        masks = masks[:, col_of_x]  # M x w x h
+    # Only the padding is zeroed: the image area is written once, by the transposing copy.
+    out = torch.empty(len(rles), size, size, dtype=torch.bool)
+    out[:, h:].zero_()
+    out[:, :h, w:].zero_()
+    out[:, :h, :w] = masks.transpose(1, 2)
+    return out
+
+
+def decode_mask_targets(
+    rles: list[dict[str, Any]], original_size: tuple[int, int], input_size: tuple[int, int], size: int
+) -> torch.Tensor:
+    """Decode COCO RLEs straight into the training loss frame: S/4 x S/4 soft targets as uint8 counts.
+
+    Each value is how many of the 16 pixels of a 4 x 4 cell of the S x S mask (`decode_masks`) are foreground,
+    so `targets / 16` equals `F.avg_pool2d(decode_masks(...).float(), 4)` exactly. 16x fewer bytes than the
+    bool masks, and no S x S mask is ever padded, transposed, collated or sent to the device.
+
+    Args:
+        rles, original_size, input_size, size: as `decode_masks`; S must be a multiple of 4.
+    Returns:
+        M x S/4 x S/4 uint8 in [0, 16].
+    """
+    if size % 4:
+        raise ValueError(f"decode_mask_targets: image size {size} is not a multiple of 4")
+    out = torch.zeros(len(rles), size // 4, size // 4, dtype=torch.uint8)
+    if not rles:
+        return out
+    columns, col_of_x = _sampled_columns(rles, original_size, input_size)  # M x w' x h uint8
+    rows = _sum_rows_of_4(columns)  # M x w' x ceil(h/4): 4-row sums of each sampled column
+    if col_of_x is not None:
+        rows = rows[:, col_of_x]  # M x w x ceil(h/4)
+    cells = _sum_groups_of_4(rows.transpose(1, 2))  # M x ceil(h/4) x ceil(w/4)
+    out[:, : cells.shape[1], : cells.shape[2]] = cells
+    return out
+
+
+def _sampled_columns(
+    rles: list[dict[str, Any]], original_size: tuple[int, int], input_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The masks at the nearest-exact sample positions, column-major: M x w' x h uint8 (0/1).
+
+    w' counts distinct source columns (when upsampling, several output columns share one); the second value
+    maps the w output columns to them (None when w' == w).
+    """
+    (height, width), (h, w) = original_size, input_size
     # Sample positions in RLE order (column-major): column cols[x], row rows[y] -> cols[x] * H + rows[y].
     rows = nearest_source_index(height, h)
     # Upsampling repeats columns; positions must be non-decreasing, so sample each source column once.
@@ -194,15 +246,36 @@ def decode_masks(
         taken = np.searchsorted(positions, run_ends, side="left")  # sampled positions before each run end
         lengths.append(np.diff(taken, prepend=0))
         values.append(np.arange(run_ends.size, dtype=np.uint8) & 1)  # runs alternate 0, 1, 0, ...
-    flat = np.repeat(np.concatenate(values), np.concatenate(lengths))  # M*w*h, mask after mask
-    masks = torch.from_numpy(flat.view(np.bool_)).view(len(rles), cols.size, h)  # M x w' x h (column-major)
-    if cols.size != w:
-        masks = masks[:, torch.from_numpy(col_of_x)]  # M x w x h
-    # Only the padding is zeroed: the image area is written once, by the transposing copy.
-    out = torch.empty(len(rles), size, size, dtype=torch.bool)
-    out[:, h:].zero_()
-    out[:, :h, w:].zero_()
-    out[:, :h, :w] = masks.transpose(1, 2)
+    flat = np.repeat(np.concatenate(values), np.concatenate(lengths))  # M*w'*h, mask after mask
+    masks = torch.from_numpy(flat).view(len(rles), cols.size, h)  # M x w' x h (column-major)
+    return masks, None if cols.size == w else torch.from_numpy(col_of_x)
+
+
+def _sum_rows_of_4(t: torch.Tensor) -> torch.Tensor:
+    """M x w' x h uint8 of 0/1 -> M x w' x ceil(h/4): `_sum_groups_of_4` along h, without strided reads.
+
+    Four consecutive bytes read as one little-endian uint32 v: the top byte of v * 0x01010101 is their sum
+    (no carries, each byte is 0 or 1), one multiply per four pixels instead of three strided adds.
+    """
+    m, w, h = t.shape
+    h4 = -(-h // 4) * 4
+    array = t.numpy()
+    if h4 != h:
+        padded = np.zeros((m, w, h4), np.uint8)
+        padded[..., :h] = array
+        array = padded
+    words = array.reshape(-1).view("<u4")  # M*w'*h/4 groups of 4 pixels
+    sums = ((words * np.uint32(0x01010101)) >> np.uint32(24)).astype(np.uint8)
+    return torch.from_numpy(sums).view(m, w, h4 // 4)
+
+
+def _sum_groups_of_4(t: torch.Tensor) -> torch.Tensor:
+    """... x L uint8 -> ... x ceil(L/4): sums of consecutive groups of 4 along the last axis (zero-padded)."""
+    length = t.shape[-1]
+    full = length // 4 * 4
+    out = t[..., 0:full:4] + t[..., 1:full:4] + t[..., 2:full:4] + t[..., 3:full:4]
+    if full < length:
+        out = torch.cat([out, t[..., full:].sum(-1, keepdim=True, dtype=torch.uint8)], dim=-1)
     return out
 
 
@@ -253,6 +326,7 @@ def decode_sa1b_sample(
     clip: bytes | None = None,
     meta: dict[str, Any] | None = None,
     reduced_decode: bool = True,
+    mask_frame: str = "auto",
 ) -> SegmentationSample:
     """Decode one SA-1B sample into the model's frame (the fast path).
 
@@ -266,11 +340,18 @@ def decode_sa1b_sample(
         clip: optional `<key>.clip.npy` bytes, an A x D array aligned with the annotations.
         meta: extra meta entries (shard url, key).
         reduced_decode: decode the JPEG at a reduced DCT scale when possible (see `decode_image`).
+        mask_frame: "input" -> `masks` M x S x S bool (the evaluation frame); "targets" -> `mask_targets`
+            M x S/4 x S/4 uint8 soft targets only (the training loss frame, `decode_mask_targets`); "auto" ->
+            "targets" when `rng` is given (training samples masks at random), else "input" (validation).
     Returns:
-        `SegmentationSample` with image 3 x S x S, masks M x S x S (M >= 1).
+        `SegmentationSample` with image 3 x S x S and masks M x S x S or mask_targets M x S/4 x S/4 (M >= 1).
     Raises:
         SampleError naming the defect (reason is the skip counter's name).
     """
+    if mask_frame not in ("auto", "input", "targets"):
+        raise ValueError(f"decode_sa1b_sample: mask_frame must be 'auto', 'input' or 'targets', got {mask_frame!r}")
+    if mask_frame == "auto":
+        mask_frame = "targets" if rng is not None else "input"
     if isinstance(record, (bytes, bytearray, str)):
         record = parse_record(record)
     annotations = record["annotations"]
@@ -295,7 +376,10 @@ def decode_sa1b_sample(
     except (KeyError, TypeError) as exn:
         raise SampleError("broken rle", f"annotation without 'segmentation' ({exn!r})") from exn
     input_size = image.shape[0], image.shape[1]
-    masks = decode_masks(rles, decoded_size, input_size, image_size)
+    if mask_frame == "targets":
+        masks, targets = None, decode_mask_targets(rles, decoded_size, input_size, image_size)
+    else:
+        masks, targets = decode_masks(rles, decoded_size, input_size, image_size), None
     text_embeddings = None if clip is None else _clip_rows(clip, len(annotations), chosen)
     # Prepared shards (samlight data prepare) are stored at training size but remember the source size.
     original_size = (
@@ -317,6 +401,7 @@ def decode_sa1b_sample(
     return SegmentationSample(
         image=normalize_pad_image(image, image_size),
         masks=masks,
+        mask_targets=targets,
         original_size=original_size,
         input_size=input_size,
         text_embeddings=text_embeddings,

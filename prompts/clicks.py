@@ -105,8 +105,26 @@ def _with_fallback(error: Tensor, gt_masks: Tensor, frame: Tensor) -> Tensor:
 
 def random_pixel(region: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """N long flat indices, one pixel drawn uniformly from each N x H x W region (index 0 if empty)."""
-    scores = torch.rand(region.shape, generator=generator, device=region.device)
-    return torch.where(region, scores + 1.0, scores.new_zeros(())).flatten(1).argmax(1)
+    return random_pixels(region, 1, generator)[:, 0]
+
+
+def random_pixels(region: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+    """N x num long flat indices, each drawn uniformly (independently) from its N x H x W region; 0 if empty.
+
+    Draws N x num random numbers, not N x H x W: a uniform rank among the region's pixels picks the row by the
+    cumulative row counts, then the column inside that row, each with a binary search. Sync-free.
+    """
+    n, h, w = region.shape
+    cum_rows = region.sum(2).cumsum(1)  # N x H: region pixels in rows <= y
+    total = cum_rows[:, -1:]  # N x 1
+    u = torch.rand(n, num, generator=generator, device=region.device)
+    rank = torch.minimum((u * total).long(), (total - 1).clamp(min=0))  # N x num in [0, total)
+    row = torch.searchsorted(cum_rows, rank, right=True).clamp(max=h - 1)  # N x num
+    before = torch.where(row > 0, cum_rows.gather(1, (row - 1).clamp(min=0)), 0)  # N x num
+    row_pixels = region.gather(1, row[..., None].expand(-1, -1, w))  # N x num x W
+    cum_cols = row_pixels.cumsum(2)  # N x num x W
+    col = torch.searchsorted(cum_cols, (rank - before)[..., None], right=True)[..., 0].clamp(max=w - 1)
+    return torch.where(total > 0, row * w + col, 0)
 
 
 def pixel_coords(flat: Tensor, width: int) -> Tensor:

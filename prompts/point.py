@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from samlight.prompts.base import PromptContext, PromptType
-from samlight.prompts.clicks import distance_to_boundary, pixel_coords
+from samlight.prompts.clicks import distance_to_boundary, pixel_coords, random_pixels
 from samlight.prompts.types import Prompts
 
 
@@ -40,12 +40,14 @@ class PointPrompt(PromptType):
         flat_masks = gt_masks.flatten(1)  # N x HW
         if self.mode == "center":
             flat = distance_to_boundary(gt_masks).flatten(1).argmax(1)[:, None]  # N x 1
+            inside = flat_masks.gather(1, flat)  # N x 1
         else:
-            scores = torch.rand(flat_masks.shape, generator=generator, device=gt_masks.device)
-            # Pixels inside the mask score in (1, 2], outside in [0, 1): top-k picks inside pixels first.
-            scores = torch.where(flat_masks, scores + 1.0, scores)
-            flat = scores.topk(self.num_points, dim=1).indices  # N x P
-        inside = flat_masks.gather(1, flat)  # N x P
+            # N x P random numbers (not N x S^2): independent uniform draws, so with P > 1 two points of a
+            # small mask may coincide; a repeated point is labelled padding, as are points of an empty mask.
+            flat = random_pixels(gt_masks, self.num_points, generator)  # N x P
+            first = torch.arange(self.num_points, device=flat.device)
+            repeated = ((flat[:, :, None] == flat[:, None, :]) & (first[None, :] < first[:, None])).any(2)
+            inside = flat_masks.gather(1, flat) & ~repeated  # N x P
         coords = pixel_coords(flat.flatten(), gt_masks.shape[-1]).view(*flat.shape, 2)  # N x P x 2
         labels = torch.where(inside, 1, -1).long()
         return Prompts(point_coords=coords, point_labels=labels)

@@ -169,8 +169,11 @@ def test_training_clicks_never_fall_in_the_padding(monkeypatch):
         # Background clicks on the false positives inside the image (the only error there is).
         assert (episode.click_labels == 0).any()
     # The paper's first prompt: a point or a box, with equal odds (9 masks here).
-    drawn = {("box" if e.prompts.boxes is not None else "point"): e.image_index.numel() for e in episodes}
-    assert set(drawn) == {"point", "box"} and min(drawn.values()) >= 2, drawn
+    # One episode over all masks: a box is its two corner tokens (labels 2 and 3), a point a label-1 token.
+    labels = torch.cat([e.prompts.point_labels for e in episodes])  # N x T
+    is_box = (labels == 2).any(1)
+    drawn = {"box": int(is_box.sum()), "point": int(((labels == 1).any(1) & ~is_box).sum())}
+    assert min(drawn.values()) >= 2 and sum(drawn.values()) == labels.shape[0], drawn
 
 
 # ------------------------------------------------------------------------------------ non-finite steps
@@ -241,9 +244,7 @@ def _draws_of_rank(module, rank: int, seed: int) -> dict[str, torch.Tensor]:
     with mock.patch.object(SamModule, "global_rank", new_callable=mock.PropertyMock, return_value=rank):
         module.on_fit_start()
         rng = module.rank_randomness()
-    types = torch.empty(64, dtype=torch.long)
-    for k, (_, idx) in enumerate(module._split_by_type(64, rng)):
-        types[idx] = k
+    types = module._draw_prompt_types(64, rng)
     schedules = torch.tensor([module.clicks.schedule(rng.cpu) for _ in range(8)])
     encoder = module.model.image_encoder.train()
     with torch.no_grad():

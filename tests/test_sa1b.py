@@ -178,7 +178,8 @@ def test_sample_drops_large_masks_samples_max_masks_and_fills_meta():
     train = decode_sa1b_sample(
         jpg, json.dumps(record).encode(), image_size=64, max_masks=5, rng=np.random.default_rng(0)
     )
-    assert val.masks.shape == (5, 64, 64) and train.masks.shape == (5, 64, 64)
+    # Training samples carry the masks in the loss frame only (S/4 counts), validation the full masks.
+    assert val.masks.shape == (5, 64, 64) and train.masks is None and train.mask_targets.shape == (5, 16, 16)
     assert val.meta["annotation_ids"] == [11, 12, 13, 14, 15]  # first five after dropping the full-image mask
     assert 10 not in train.meta["annotation_ids"]
     assert len(set(train.meta["annotation_ids"])) == 5
@@ -315,11 +316,11 @@ def test_training_yields_fixed_batches_per_epoch_with_workers(tmp_path):
     assert [len(e) for e in epochs] == [5, 5]
     for batch in epochs[0] + epochs[1]:
         assert isinstance(batch, SegmentationBatch) and batch.images.shape == (2, 3, 32, 32)
-        assert batch.masks.shape[1] <= 4
-        area = batch.masks.flatten(2).sum(-1).float()  # B x M
+        assert batch.masks is None and batch.mask_targets.shape[1] <= 4  # training: loss-frame targets
+        area = batch.mask_targets.flatten(2).sum(-1).float() / 16  # B x M, in input pixels
         input_area = (batch.input_sizes[:, 0] * batch.input_sizes[:, 1]).float()[:, None]
         assert torch.all(area[batch.mask_valid] <= 0.9 * input_area.expand_as(area)[batch.mask_valid])
-        assert not batch.masks[~batch.mask_valid].any()
+        assert not batch.mask_targets[~batch.mask_valid].any()
     assert keys_of(epochs[0]) != keys_of(epochs[1])  # the stream goes on, it is not replayed
     again = SA1BDataModule(urls, num_workers=2, image_size=32, max_masks=4, batch_size=2, batches_per_epoch=5)
     again.setup("fit")

@@ -5,6 +5,9 @@ keys on every save and load (which breaks tools that map state-dict keys back to
 torch.distributed.checkpoint under FSDP2), the encoder is built with an MLP layer that uses the official names,
 so official checkpoints load with no renaming at all. The only translation left is for state dicts written by
 timm itself (e.g. timm's `samvit_*` weights); it lives in `samlight.modeling.weight_names`.
+
+Attention runs through `samlight.modeling.attention.RelPosAttention`: the same parameters as timm's, but the
+relative-position bias is folded into the query/key vectors instead of being built as an N x N mask.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from functools import partial
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
+from samlight.modeling.attention import use_rel_pos_attention
 from samlight.modeling.common import MLPBlock
 
 
@@ -69,6 +73,7 @@ class ImageEncoderViT(VisionTransformerSAM):
             global_attn_indexes=tuple(global_attn_indexes),
             neck_chans=out_chans,
         )
+        use_rel_pos_attention(self.blocks)  # no N x N bias tensor (see samlight/modeling/attention.py)
         # The official predictor and `Sam.postprocess_masks` read the input size from here.
         self.img_size = img_size
 

@@ -65,17 +65,19 @@ class MaskDecoder(nn.Module):
         image_pe: Tensor,
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
-        multimask_output: bool,
+        multimask_output: bool | Tensor,
         image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Official signature, plus an optional `image_index` for several images.
+        """Official signature, plus an optional `image_index` for several images and per-prompt outputs.
 
         Args:
             image_embeddings: B x C x h x w.
             image_pe: 1 x C x h x w.
             sparse_prompt_embeddings: N x T x C.
             dense_prompt_embeddings: N x C x h x w, or 1 x C x 1 x 1 to broadcast (no mask input).
-            multimask_output: True -> outputs 1..3, False -> output 0.
+            multimask_output: True -> outputs 1..3, False -> output 0; an N bool tensor chooses per prompt
+                (K = 3: outputs 1..3 where True, output 0 repeated 3 times where False, so one call with static
+                shapes serves ambiguous and unambiguous prompts together).
             image_index: N long, the image of each prompt; None means B == 1 (shared) or B == N (paired).
 
         Returns:
@@ -88,6 +90,12 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings=dense_prompt_embeddings,
             image_index=image_index,
         )
+        if isinstance(multimask_output, Tensor):
+            multi = multimask_output.view(-1, 1)  # N x 1
+            single = masks[:, :1].expand(-1, self.num_multimask_outputs, -1, -1)  # N x 3 x 4h x 4w
+            masks = torch.where(multi[..., None, None], masks[:, 1:], single)
+            iou_pred = torch.where(multi, iou_pred[:, 1:], iou_pred[:, :1].expand(-1, self.num_multimask_outputs))
+            return masks, iou_pred
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou_pred[:, keep]
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from samlight.modeling.common import LayerNorm2d
-from samlight.prompts.types import Prompts
+from samlight.prompts.types import TEXT_LABEL, Prompts
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -108,9 +108,19 @@ class PromptEncoder(nn.Module):
             labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
         pe = self.pe_layer.forward_with_coords(points, self.input_image_size)  # N x P x C
         labels = labels[..., None]  # N x P x 1
+        # Labels 2/3 (box corners) are how `_embed_boxes` embeds a box: merged prompts carry boxes as points.
         label_embed = torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
-        label_embed = torch.where(labels == 0, self.point_embeddings[0].weight, label_embed)
+        for label in (0, 2, 3):
+            label_embed = torch.where(labels == label, self.point_embeddings[label].weight, label_embed)
         return torch.where(labels == -1, self.not_a_point_embed.weight, pe + label_embed)
+
+    def _embed_merged(self, prompts: Prompts) -> Tensor:
+        """Prompts(auto_pad=False): every token is in point_coords/labels (text tokens labelled 4) -> N x T x C."""
+        tokens = self._embed_points(prompts.point_coords, prompts.point_labels, pad=False)  # N x T x C
+        if prompts.text_embeddings is None:
+            return tokens
+        text = self._embed_text(prompts.text_embeddings).to(tokens.dtype)  # N x 1 x C
+        return torch.where(prompts.point_labels[..., None] == TEXT_LABEL, text, tokens)
 
     def _embed_boxes(self, boxes: Tensor) -> Tensor:
         """boxes: N x 4 xyxy -> N x 2 x C (one token per corner)."""
@@ -153,8 +163,11 @@ class PromptEncoder(nn.Module):
             raise ValueError(
                 "Prompts is empty: give at least one of points, boxes, mask_inputs, text_embeddings"
             )
-        points = None if prompts.point_coords is None else (prompts.point_coords, prompts.point_labels)
-        sparse = self._embed_sparse(points, prompts.boxes, prompts.text_embeddings, n)
+        if not prompts.auto_pad:
+            sparse = self._embed_merged(prompts)
+        else:
+            points = None if prompts.point_coords is None else (prompts.point_coords, prompts.point_labels)
+            sparse = self._embed_sparse(points, prompts.boxes, prompts.text_embeddings, n)
         if prompts.mask_inputs is None:
             return sparse, self.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return sparse, self.mask_downscaling(prompts.mask_inputs)

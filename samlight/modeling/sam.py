@@ -78,7 +78,7 @@ class Sam(nn.Module):
         image_embeddings: Tensor,
         image_index: Tensor,
         prompts: Prompts,
-        multimask_output: bool,
+        multimask_output: bool | Tensor,
     ) -> tuple[Tensor, Tensor]:
         """Batched path: N prompts over B images, the training hot path.
 
@@ -86,7 +86,8 @@ class Sam(nn.Module):
             image_embeddings: B x C x h x w from `encode_images`.
             image_index: N long, the image of each prompt.
             prompts: N prompts, coordinates in input pixels (the S x S frame).
-            multimask_output: True -> the 3 multimask outputs; False -> the single output.
+            multimask_output: True -> the 3 multimask outputs; False -> the single output; N bool -> per prompt
+                (K = 3, the single output repeated where False; see `MaskDecoder.forward`).
 
         Returns:
             low_res_logits: N x K x 4h x 4w; iou_predictions: N x K; K = 3 if multimask_output else 1.

@@ -26,7 +26,8 @@ from samlight.prompts.base import PromptContext, PromptType, as_prompt_type, che
 from samlight.prompts.box import BoxPrompt
 from samlight.prompts.clicks import CorrectiveClicks
 from samlight.prompts.point import PointPrompt
-from samlight.training.episode import Episode, run_episode, select_output
+from samlight.prompts.types import Prompts, merge_prompts
+from samlight.training.episode import Episode, episode_round, run_episode, select_output
 from samlight.training.loss import SamLoss
 from samlight.training.metrics import MeanAccumulator, mask_dice, mask_iou
 from samlight.training.optim import AdamWRecipe, apply_lora, merged_copy
@@ -73,6 +74,8 @@ class SamModule(LightningModule):
         detach_feedback: stop gradients through the logits fed back into the next round (default, as the paper
             feeds predictions back as prompts; gradients through 11 rounds cost memory and destabilise training).
         checkpoint_rounds: activation checkpointing per decoder round (recompute in backward).
+        compile: `torch.compile(fullgraph=True)` the training step's round (click, decoder, best mask) and
+            loss; the step has static shapes, so the graphs are built in the first steps and then reused.
         val_seed: seed of the validation prompts (the same prompts every validation).
     """
 
@@ -94,6 +97,7 @@ class SamModule(LightningModule):
         lora: dict[str, float] | None = None,
         detach_feedback: bool = True,
         checkpoint_rounds: bool = False,
+        compile: bool = False,
         val_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -117,6 +121,8 @@ class SamModule(LightningModule):
             val_clicks if val_clicks is not None else CorrectiveClicks(mask_only_rounds=0, mode="center")
         )
         self.loss_fn = loss if loss is not None else SamLoss()
+        self._compiled_loss = torch.compile(self.loss_fn.forward, fullgraph=True) if compile else None
+        self._round_fn = torch.compile(episode_round, fullgraph=True) if compile else None
         self.detach_feedback = detach_feedback
         self.checkpoint_rounds = checkpoint_rounds
         self.optimizer_recipe = optimizer if optimizer is not None else AdamWRecipe()
@@ -134,6 +140,7 @@ class SamModule(LightningModule):
         self._val_metrics = MeanAccumulator()
         self._skipped_nonfinite: Tensor | None = None
         self._rng: RankRandomness | None = None  # this rank's training-step generators (seed_rank_randomness)
+        self._initial_seed: int | None = None  # torch's seed before this module first reseeded it
         self.miou_history: list[tuple[int, float]] = []
 
     def _make_model(self, checkpoint: str | None, encoder_checkpoint: str | None):
@@ -191,46 +198,41 @@ class SamModule(LightningModule):
     # -------------------------------------------------------------------------------------------- training
 
     def training_step(self, batch: SegmentationBatch, batch_idx: int) -> Tensor:
+        """One interactive episode over every mask slot of the batch: the same shapes every step, no host sync.
+
+        All masks share one decoder call per round whatever their first prompt (merged token layout, see
+        `samlight.prompts.types.merge_prompts`); padding slots stay in with weight 0 so N = B*M is fixed.
+        """
         embeddings = self.model.encode_images(batch.images)  # B x C x h x w
-        gt, image_index, weights, text = _flatten_slots(batch)  # N = B*M slots, padding kept with weight 0
-        # Loss and clicks at the low-res logit size; see samlight/loss.py for why.
-        targets = F.avg_pool2d(gt[:, None].float(), 4)[:, 0]  # N x S/4 x S/4 soft
-        click_gt = targets >= 0.5
+        # Loss and clicks at the low-res logit size; see samlight/training/loss.py for why.
+        targets, image_index, weights, text = _flatten_slots(batch)  # N x S/4 x S/4 soft, N, N, N x D | None
+        click_gt = targets >= 0.5  # N x S/4 x S/4
         # Click-frame pixels wholly inside the image (floor), so that a click's centre, mapped back to input
         # pixels, never lands in the padding.
         region = _inside_image(
-            torch.div(batch.input_sizes, 4, rounding_mode="floor"), image_index, gt.shape[-1] // 4
+            torch.div(batch.input_sizes, 4, rounding_mode="floor"), image_index, click_gt.shape[-1]
         )
+        context = PromptContext(
+            images=batch.images, image_index=image_index, input_sizes=batch.input_sizes, text_embeddings=text
+        )
+        gt = _prompt_frame_masks(batch, click_gt, self.model.image_size)  # N x S x S bool
         rng = self.rank_randomness()
-        totals = torch.zeros(4, device=gt.device)  # weighted sums of loss, focal, dice, iou
-        total_weight = torch.zeros((), device=gt.device)
-        for ptype, idx in self._split_by_type(gt.shape[0], rng):
-            context = PromptContext(
-                images=batch.images,
-                image_index=image_index[idx],
-                input_sizes=batch.input_sizes,
-                text_embeddings=None if text is None else text[idx],
-            )
-            prompts = self._sample(ptype, gt[idx], context, generator=rng.device)
-            w = weights[idx] * ptype.mask_weights(gt[idx], context=context)
-            episode = run_episode(
-                self.model,
-                embeddings,
-                image_index[idx],
-                prompts,
-                click_gt[idx],
-                self.clicks,
-                valid_region=region[idx],
-                detach_feedback=self.detach_feedback,
-                checkpoint_rounds=self.checkpoint_rounds,
-                generator=rng.device,
-                schedule_generator=rng.cpu,
-            )
-            parts = self._episode_loss(episode, targets[idx], w)  # 4
-            group_weight = w.sum()
-            totals = totals + parts * group_weight
-            total_weight = total_weight + group_weight
-        means = totals / total_weight.clamp(min=1.0)
+        prompts, type_weights = self._initial_prompts(gt, context, rng)
+        episode = run_episode(
+            self.model,
+            embeddings,
+            image_index,
+            prompts,
+            click_gt,
+            self.clicks,
+            valid_region=region,
+            detach_feedback=self.detach_feedback,
+            checkpoint_rounds=self.checkpoint_rounds,
+            generator=rng.device,
+            schedule_generator=rng.cpu,
+            round_fn=self._round_fn,
+        )
+        means = self._episode_loss(episode, targets, weights * type_weights)  # 4
         batch_size = batch.images.shape[0]
         for name, value in zip(("loss", "loss_focal", "loss_dice", "loss_iou"), means):
             # Not prog_bar: the bar would turn the tensor into a number every step, a host sync on GPU;
@@ -238,16 +240,24 @@ class SamModule(LightningModule):
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         return means[0]
 
-    def _split_by_type(self, n: int, rng: RankRandomness) -> list[tuple[PromptType, Tensor]]:
-        """Assign each of n masks a prompt type by the mixture weights, as index groups of static size.
+    def _draw_prompt_types(self, n: int, rng: RankRandomness) -> Tensor:
+        """N long: the prompt type of each mask, drawn by the mixture weights on the device (no host sync)."""
+        cdf = (self.prompt_weights.cumsum(0) / self.prompt_weights.sum()).to(rng.device.device)  # K
+        draw = torch.rand(n, device=rng.device.device, generator=rng.device)
+        return torch.searchsorted(cdf, draw, right=True).clamp(max=len(self.prompt_types) - 1)
 
-        The counts come from a multinomial draw on the CPU and the assignment from a random permutation on the
-        device: the same distribution as an independent draw per mask, without a data-dependent shape.
+    def _initial_prompts(self, gt: Tensor, context: PromptContext, rng: RankRandomness) -> tuple[Prompts, Tensor]:
+        """Round-0 prompts of N masks, each mask's type drawn by the mixture weights, and the N loss weights.
+
+        Every configured type samples all N masks (static shapes) and `merge_prompts` keeps each mask's own;
+        the draw is an inverse-CDF lookup on the device (no count leaves it).
         """
-        draws = torch.multinomial(self.prompt_weights, n, replacement=True, generator=rng.cpu)
-        counts = torch.bincount(draws, minlength=len(self.prompt_types)).tolist()
-        order = torch.randperm(n, device=rng.device.device, generator=rng.device)
-        return [(p, idx) for p, idx in zip(self.prompt_types, order.split(counts)) if idx.numel() > 0]
+        candidates = [self._sample(p, gt, context, generator=rng.device) for p in self.prompt_types]
+        type_weights = torch.stack([p.mask_weights(gt, context=context) for p in self.prompt_types])  # K x N
+        if len(candidates) == 1:
+            return candidates[0], type_weights[0]
+        choice = self._draw_prompt_types(gt.shape[0], rng)  # N
+        return merge_prompts(candidates, choice), type_weights.gather(0, choice[None])[0]
 
     # ------------------------------------------------------------------------------------------ randomness
 
@@ -263,7 +273,7 @@ class SamModule(LightningModule):
         (`rank_randomness`). The same seed gives the same streams again; a resumed run continues with streams
         of its own (the step is part of the seed), never a replay of the first steps' draws.
         """
-        seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+        seed = stream_seed(self._run_seed(), self.global_rank, self.global_step)
         torch.manual_seed(seed)
         self._rng = RankRandomness.from_seed(seed, self.device)
 
@@ -271,9 +281,16 @@ class SamModule(LightningModule):
         """This rank's generators (made from the run seed on first use when no Trainer called `on_fit_start`)."""
         rng = self._rng
         if rng is None or rng.device.device != self.device:
-            seed = stream_seed(run_seed(), self.global_rank, self.global_step)
+            seed = stream_seed(self._run_seed(), self.global_rank, self.global_step)
             self._rng = rng = RankRandomness.from_seed(seed, self.device)
         return rng
+
+    def _run_seed(self) -> int:
+        """`run_seed()`, with torch's initial seed taken once: reseeding the global RNG here changes what
+        `torch.initial_seed()` reports, which must not change the streams of a run without `seed_everything`."""
+        if os.environ.get("PL_GLOBAL_SEED") is None and self._initial_seed is None:
+            self._initial_seed = torch.initial_seed()
+        return run_seed() if self._initial_seed is None else self._initial_seed
 
     def _sample(self, ptype: PromptType, gt: Tensor, context: PromptContext, generator) -> Any:
         prompts = ptype.sample(gt, context=context, generator=generator)
@@ -283,9 +300,10 @@ class SamModule(LightningModule):
 
     def _episode_loss(self, episode: Episode, targets: Tensor, weights: Tensor) -> Tensor:
         """Mean over rounds of (loss, focal, dice, iou) -> 4."""
+        loss_fn = self._compiled_loss or self.loss_fn
         parts = []
         for out in episode.rounds:
-            result = self.loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
+            result = loss_fn(out.low_res_logits, out.iou_predictions, targets, weights)
             parts.append(torch.stack([result.loss, result.focal, result.dice, result.iou]))
         return torch.stack(parts).mean(0)
 
@@ -506,13 +524,30 @@ def stream_seed(seed: int, rank: int, step: int) -> int:
 
 
 def _flatten_slots(batch: SegmentationBatch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """All B*M mask slots with static shapes: gt N x S x S bool, image_index N, weights N, text N x D | None."""
+    """All B*M mask slots with static shapes: soft targets N x S/4 x S/4, image_index N, weights N, text N x D.
+
+    Padding slots are kept with weight 0. The targets come from the batch's `mask_targets` when the loader
+    sent masks in the loss frame (training), else they are area-pooled from its S x S masks.
+    """
     b, m = batch.mask_valid.shape
-    gt = batch.masks.flatten(0, 1)  # (B*M) x S x S
-    image_index = torch.arange(b, device=gt.device).repeat_interleave(m)
+    targets = batch.soft_targets().flatten(0, 1)  # (B*M) x S/4 x S/4
+    image_index = torch.arange(b, device=targets.device).repeat_interleave(m)
     weights = batch.mask_valid.flatten().float()
     text = None if batch.text_embeddings is None else batch.text_embeddings.flatten(0, 1)
-    return gt, image_index, weights, text
+    return targets, image_index, weights, text
+
+
+def _prompt_frame_masks(batch: SegmentationBatch, click_gt: Tensor, size: int) -> Tensor:
+    """N x S x S bool masks for the prompt plugins (their contract is the input frame).
+
+    The batch's own masks when it has them; otherwise the S/4 loss-frame masks repeated 4 x 4 on the device,
+    which is all a training batch carries (a box or point is then placed within a 4-pixel cell of the exact
+    mask's; the loss still sees the exact soft targets).
+    """
+    if batch.masks is not None:
+        return batch.masks.flatten(0, 1)
+    factor = size // click_gt.shape[-1]
+    return click_gt.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
 
 
 def _valid_slots(batch: SegmentationBatch, max_per_image: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
