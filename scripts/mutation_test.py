@@ -55,7 +55,10 @@ def main() -> int:
     args.stage.mkdir(parents=True, exist_ok=True)
     stage(args.stage)
     deadline = time.monotonic() + args.timeout
-    for names in [[glob] for glob in args.globs] or [[]]:
+    # Each wildcard glob in its own run, in the order given; exact mutant names together in one run.
+    exact = [g for g in args.globs if "*" not in g]
+    batches = [[g] for g in args.globs if "*" in g] + ([exact] if exact else [])
+    for names in batches or [[]]:
         run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *names]
         # Its own process group: on timeout the forkserver and its workers end with it, none left orphaned.
         process = subprocess.Popen(run, cwd=args.stage, start_new_session=True)

@@ -345,6 +345,46 @@ def test_episode_feeds_back_the_best_mask_and_clicks_on_its_errors(mode):
     assert torch.equal(round2.mask_inputs, chosen)
     # IoU of the mask passed on: mask 0 covers 18 of 36 object pixels; mask 1 33 + 16 false positives.
     assert episode.ious[0].tolist() == pytest.approx([0.5, 33 / 49])
+    # A click is the centre of its click-frame pixel in input pixels: (col + 0.5) x 4 - 0.5, exactly.
+    frame = (episode.click_coords + 0.5) / 4 - 0.5
+    assert torch.equal(frame, frame.round())
+    assert episode.prompts is first and torch.equal(episode.rounds[0].iou_predictions, sam.iou)
+    assert episode.pred_masks == []  # kept only when asked
+
+
+def test_episode_valid_region_generator_and_no_clicks():
+    from samlight.prompts import Prompts
+    from samlight.training.episode import run_episode
+
+    first = Prompts(point_coords=torch.tensor([[[9.5, 25.5]], [[33.5, 45.5]]]), point_labels=torch.ones(2, 1))
+    args = (torch.zeros(1, 1, 4, 4), torch.zeros(2, dtype=torch.long), first)
+    valid = torch.zeros(2, 16, 16, dtype=torch.bool)
+    valid[:, :, :14] = True  # columns 14 and 15 are padding
+    clicks = CorrectiveClicks(num_clicks=4, mask_only_rounds=0)
+    runs = []
+    for global_seed in (0, 1):  # the episode draws from its generator, not from torch's global RNG
+        torch.manual_seed(global_seed)
+        sam = _ScriptedSam()
+        runs.append(
+            run_episode(
+                sam,
+                *args,
+                sam.gt,
+                clicks,
+                valid_region=valid,
+                generator=torch.Generator().manual_seed(3),
+                keep_pred_masks=True,
+            )
+        )
+    episode = runs[0]
+    assert torch.equal(runs[0].click_coords, runs[1].click_coords)
+    assert (episode.click_coords[..., 0] <= 14 * 4 - 1).all()  # never in the padding columns
+    assert not any((pred & ~valid).any() for pred in episode.pred_masks)
+    # Mask 1 inside the image: 30 of its 33 pixels predicted, plus 8 false positives (columns 12-13).
+    assert episode.ious[0, 1].item() == pytest.approx(30 / 41)
+    only_first = run_episode(_ScriptedSam(), *args, _ScriptedSam().gt, None)
+    assert only_first.click_coords.shape == (2, 0, 2) and only_first.click_labels.shape == (2, 0)
+    assert len(only_first.rounds) == 1 and only_first.ious.shape == (1, 2)
 
 
 # ------------------------------------------------------------------------- masks over 90% of the image
