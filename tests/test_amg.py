@@ -124,7 +124,9 @@ def test_point_grids_and_crop_boxes_match_official():
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a, b)
     for hw, layers in [((200, 300), 1), ((1500, 2250), 2), ((480, 480), 3)]:
-        assert amg_ops.crop_boxes(hw, layers, 512 / 1500) == official_amg.generate_crop_boxes(hw, layers, 512 / 1500)
+        assert amg_ops.crop_boxes(hw, layers, 512 / 1500) == official_amg.generate_crop_boxes(
+            hw, layers, 512 / 1500
+        )
 
 
 def _random_masks(n: int, h: int, w: int, seed: int) -> np.ndarray:

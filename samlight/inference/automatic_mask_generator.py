@@ -200,7 +200,9 @@ class SamAutomaticMaskGenerator:
             return crop_boxes(image_hw, self.crop_n_layers, self.crop_overlap_ratio)
         boxes, layers = [], []
         for ty0, tx0, ty1, tx1 in _tiles(h, w, self.tile_size, self.crop_overlap_ratio):
-            tile_boxes, tile_layers = crop_boxes((ty1 - ty0, tx1 - tx0), self.crop_n_layers, self.crop_overlap_ratio)
+            tile_boxes, tile_layers = crop_boxes(
+                (ty1 - ty0, tx1 - tx0), self.crop_n_layers, self.crop_overlap_ratio
+            )
             boxes += [[x0 + tx0, y0 + ty0, x1 + tx0, y1 + ty0] for x0, y0, x1, y1 in tile_boxes]
             layers += tile_layers
         return boxes, layers
@@ -245,7 +247,10 @@ class SamAutomaticMaskGenerator:
                 point_coords=coords, point_labels=torch.ones(n, 1, dtype=torch.int, device=self.device)
             )
             low_res, iou = self.model.decode(
-                embedding, torch.zeros(n, dtype=torch.long, device=self.device), prompts, multimask_output=True
+                embedding,
+                torch.zeros(n, dtype=torch.long, device=self.device),
+                prompts,
+                multimask_output=True,
             )  # n x 3 x S/4 x S/4, n x 3
             low_res, iou = low_res.flatten(0, 1).float(), iou.flatten().float()  # 3n x S/4 x S/4, 3n
             point_index = torch.arange(start, start + n, device=self.device).repeat_interleave(3)
@@ -291,7 +296,10 @@ class SamAutomaticMaskGenerator:
             crop_area = ((crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1])).float()
             # Prefer masks from smaller crops: they saw the object at a higher resolution.
             keep = batched_nms(
-                cands.boxes.float(), 1 / crop_area[cands.crop], torch.zeros_like(cands.crop), self.crop_nms_thresh
+                cands.boxes.float(),
+                1 / crop_area[cands.crop],
+                torch.zeros_like(cands.crop),
+                self.crop_nms_thresh,
             )
             cands = cands.select(keep)
         segs, areas, box_list, changed = self._segmentations(image_hw, boxes, cands)
