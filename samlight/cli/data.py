@@ -14,6 +14,10 @@ USAGE = """usage: samlight data <command> [options]
                       re-encode SA-1B shards at training resolution (resized image, RLE at that size, >90% masks dropped)
   inspect URLS [--overlays DIR --num 8]
                       counts, image sizes, mask statistics, broken samples, and PNG overlays
+  annotate --checkpoint CKPT --images DIR_OR_URLS --output DIR [--devices N] [--keep-existing]
+                      SAM's automatic masks for a folder of images or shards -> SA-1B shards (resumable)
+  evaluate --pred DIR --gt DIR
+                      recall/precision of automatic masks against ground truth at IoU 0.5/0.75/0.9
 """
 
 
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
-    if command not in ("convert", "prepare", "inspect"):
+    if command not in ("convert", "prepare", "inspect", "annotate", "evaluate"):
         print(f"samlight data: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     _setup_logging()
@@ -43,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from samlight.datamodules.tools.convert import main as convert_main
 
             return convert_main(rest)
+        if command == "annotate":
+            from samlight.inference.annotate_shards import main as annotate_main
+
+            return annotate_main(rest)
+        if command == "evaluate":
+            from samlight.inference.evaluate import main as evaluate_main
+
+            return evaluate_main(rest)
         if command == "prepare":
             from samlight.datamodules.tools.prepare import main as prepare_main
 
