@@ -73,11 +73,21 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     Returns:
         N x 4 long.
     """
-    n, h, w = masks.shape
+    return boxes_from_extents(masks.any(dim=2), masks.any(dim=1))
+
+
+def logits_to_boxes(logits: Tensor, threshold: float) -> Tensor:
+    """`masks_to_boxes(logits > threshold)` for N x H x W logits, without building the N x H x W bool masks:
+    a row holds a mask pixel iff its largest logit is above the threshold."""
+    return boxes_from_extents(logits.amax(dim=2) > threshold, logits.amax(dim=1) > threshold)
+
+
+def boxes_from_extents(rows: Tensor, cols: Tensor) -> Tensor:
+    """N x 4 long xyxy boxes from which rows (N x H bool) and columns (N x W bool) hold mask pixels."""
+    n, h = rows.shape
+    w = cols.shape[1]
     if n == 0:
-        return torch.zeros(0, 4, dtype=torch.long, device=masks.device)
-    rows = masks.any(dim=2)  # N x H
-    cols = masks.any(dim=1)  # N x W
+        return torch.zeros(0, 4, dtype=torch.long, device=rows.device)
     # argmax returns the first maximum: the first occupied row/column; on the flipped axis, the last.
     top = rows.to(torch.uint8).argmax(dim=1)
     bottom = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)

@@ -31,6 +31,7 @@ from samlight.datamodules.tools.shards import encode_rle
 from samlight.inference.amg_ops import (
     crop_boxes,
     layer_point_grids,
+    logits_to_boxes,
     masks_to_boxes,
     near_crop_edge,
     remove_small_regions,
@@ -266,15 +267,16 @@ class SamAutomaticMaskGenerator:
                     if self.stability_score_thresh > 0.0
                     else torch.ones_like(stability, dtype=torch.bool)
                 )
-                boxes = masks_to_boxes(logits[keep] > self.model.mask_threshold) + offset  # image frame
-                whole = ~near_crop_edge(boxes, crop_box, image_box)
-                idx = sub[keep][whole]
+                # Boxes of all k straight from the logits (no k x h x w bool masks, no copy of the kept ones).
+                boxes = logits_to_boxes(logits, self.model.mask_threshold) + offset  # k x 4, image frame
+                keep &= ~near_crop_edge(boxes, crop_box, image_box)
+                idx = sub[keep]
                 parts.append(
                     _Candidates(
                         low_res=low_res[idx],
                         iou=iou[idx],
-                        stability=stability[keep][whole],
-                        boxes=boxes[whole],
+                        stability=stability[keep],
+                        boxes=boxes[keep],
                         points=points_t[point_index[idx]],
                         crop=torch.full((len(idx),), crop_index, dtype=torch.long, device=self.device),
                     )
