@@ -5,7 +5,7 @@ The model is samlight's `tiny` SAM with a briefly trained decoder (tests/_traine
 strictly into both implementations, so the comparison is the generator, not the network size: with vit_h on a
 CPU the image encoder alone takes seconds and is the same code on both sides.
 
-    OMP_NUM_THREADS=2 python bench/amg.py                      # 512 x 768 scene, 32 x 32 points, 4 settings
+    OMP_NUM_THREADS=1 python bench/amg.py                      # 512 x 768 scene, 32 x 32 points, 4 settings
     python bench/amg.py --size 1024 1536 --repeats 3 --checkpoint tiny.pth
 """
 

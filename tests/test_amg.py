@@ -153,6 +153,10 @@ def test_boxes_rle_stability_match_official():
     torch.testing.assert_close(
         amg_ops.stability_scores(logits, 0.0, 1.0), official_amg.calculate_stability_score(logits, 0.0, 1.0)
     )
+    # Row lengths that are not a multiple of the int64 lane groups, and more than one group per row.
+    values = torch.randn(4, 8 * 127 * 3 + 5, generator=torch.Generator().manual_seed(2))
+    expected = torch.stack([(values > t).sum(1) for t in (-0.5, 0.0, 2.0)], dim=1)
+    assert torch.equal(amg_ops.count_above(values, (-0.5, 0.0, 2.0)), expected)
 
 
 def test_remove_small_regions_matches_official():

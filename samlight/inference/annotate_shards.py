@@ -266,7 +266,10 @@ def _merge(
 
 def _as_rle(seg: dict[str, Any]) -> dict[str, Any]:
     counts = seg["counts"]
-    return {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return {
+        "size": list(seg["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def _writer_callback(output: Path, units: list[Unit], progress: bool):

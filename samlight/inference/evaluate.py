@@ -47,7 +47,9 @@ def read_annotations(spec: str, only_auto: bool = False) -> dict[str, list[dict[
             try:
                 anns = json.loads(sample.members["json"])["annotations"]
             except (ValueError, KeyError) as err:
-                log.warning("samlight data evaluate: skipped %s key %r: unreadable json (%s)", url, sample.key, err)
+                log.warning(
+                    "samlight data evaluate: skipped %s key %r: unreadable json (%s)", url, sample.key, err
+                )
                 continue
             if only_auto:
                 anns = [a for a in anns if a.get("source", "auto") == "auto"]
@@ -62,7 +64,10 @@ def _rle(seg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(counts, list):  # uncompressed RLE
         h, w = seg["size"]
         return mask_utils.frPyObjects(seg, h, w)
-    return {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return {
+        "size": list(seg["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def mask_ious(pred: list[dict[str, Any]], gt: list[dict[str, Any]]) -> np.ndarray:
@@ -133,7 +138,9 @@ def main(argv: Sequence[str]) -> int:
         description="Recall/precision of predicted (automatic) masks against ground-truth masks, both SA-1B shards.",
     )
     p.add_argument("--pred", required=True, help="shards with predicted masks (folder or URLs)")
-    p.add_argument("--gt", required=True, help="shards with ground-truth masks of the same images (same keys)")
+    p.add_argument(
+        "--gt", required=True, help="shards with ground-truth masks of the same images (same keys)"
+    )
     p.add_argument(
         "--all-sources", action="store_true", help="also score annotations marked source 'human' in --pred"
     )
@@ -141,7 +148,9 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     result = evaluate(read_annotations(args.pred, only_auto=not args.all_sources), read_annotations(args.gt))
     if result["images"] == 0:
-        raise SystemExit(f"no sample key is in both --pred {args.pred} and --gt {args.gt}; nothing to compare")
+        raise SystemExit(
+            f"no sample key is in both --pred {args.pred} and --gt {args.gt}; nothing to compare"
+        )
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
