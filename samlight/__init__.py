@@ -15,6 +15,7 @@ _EXPORTS = {
     "save_official": "samlight.modeling.checkpoint",
     "load_state_dict": "samlight.modeling.checkpoint",
     "SamPredictor": "samlight.inference.predictor",
+    "SamAutomaticMaskGenerator": "samlight.inference.automatic_mask_generator",
     "SamModule": "samlight.training.module",
     "SamLoss": "samlight.training.loss",
 }

@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_checkpoint(tmp_path_factory):
+    """Official-layout weights of a `tiny` SAM whose decoder learnt synthetic shapes (tests/_trained.py), once
+    per session: the automatic mask generator and data engine tests need a model that finds distinct objects."""
+    from samlight import save_official
+    from tests._trained import train_tiny
+
+    return save_official(train_tiny(), tmp_path_factory.mktemp("trained") / "tiny_trained.pth")

@@ -1,4 +1,4 @@
-"""`samlight data convert|prepare|inspect`: the shard tools' command line."""
+"""`samlight data convert|prepare|inspect|annotate|evaluate`: the data tools' command line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ USAGE = """usage: samlight data <command> [options]
                       re-encode SA-1B shards at training resolution (resized image, RLE at that size, >90% masks dropped)
   inspect URLS [--overlays DIR --num 8]
                       counts, image sizes, mask statistics, broken samples, and PNG overlays
+  annotate --checkpoint CKPT --images DIR_OR_URLS --output DIR [--devices N] [--keep-existing]
+                      SAM's automatic masks for a folder of images or shards -> SA-1B shards (resumable)
+  evaluate --pred DIR --gt DIR
+                      recall/precision of automatic masks against ground truth at IoU 0.5/0.75/0.9
 """
 
 
@@ -25,6 +29,8 @@ COMMANDS = {
     "convert": "samlight.datamodules.tools.convert",
     "prepare": "samlight.datamodules.tools.prepare",
     "inspect": "samlight.datamodules.tools.inspect",
+    "annotate": "samlight.inference.annotate_shards",
+    "evaluate": "samlight.inference.evaluate",
 }
 
 
