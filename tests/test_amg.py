@@ -60,7 +60,7 @@ def test_same_masks_and_scores_as_official(models, image, crop_n_layers, min_are
     theirs = OfficialGenerator(official_model, **settings).generate(image)
     ours = SamAutomaticMaskGenerator(ours_model, **settings).generate(image)
     print(f"crop_n_layers={crop_n_layers} min_area={min_area}: {len(theirs)} official, {len(ours)} samlight")
-    assert len(theirs) >= 10, "settings too strict to compare anything"
+    assert len(theirs) >= 8, "settings too strict to compare anything"
     if crop_n_layers:
         assert len({tuple(r["crop_box"]) for r in theirs}) > 1, "no mask came from a crop"
     assert len(ours) == len(theirs)
@@ -80,7 +80,7 @@ def test_output_modes_and_batch(models, image):
     budget (many chunks) changes nothing."""
     model = models[0]
     binary = SamAutomaticMaskGenerator(model, **SETTINGS).generate(image)
-    assert len(binary) >= 10
+    assert len(binary) >= 8
     coco = SamAutomaticMaskGenerator(model, **SETTINGS, output_mode="coco_rle").generate(image)
     raw = SamAutomaticMaskGenerator(model, **SETTINGS, output_mode="uncompressed_rle").generate(image)
     for b, c, r in zip(binary, coco, raw):
