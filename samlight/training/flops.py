@@ -135,7 +135,17 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         )
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
-    return copy.deepcopy(model, memo)
+    twin = copy.deepcopy(model, memo)
+    # Model FLOPs, as MFU means them: the attention as defined (timm's q.k + bias), not the wider q'.k' that
+    # RelPosAttention computes to avoid the N x N bias (an implementation cost, like recomputation).
+    from timm.models.vision_transformer_sam import Attention
+
+    from samlight.modeling.attention import RelPosAttention
+
+    for module in twin.modules():
+        if type(module) is RelPosAttention:
+            module.__class__ = Attention
+    return twin
 
 
 def _check_unsharded(model: nn.Module) -> None:
