@@ -64,7 +64,9 @@ def test_nuclei_folder_is_16_bit_with_uint16_instance_labels(tmp_path):
     assert sorted(p.name for p in images.iterdir()) == ["field_000.tif", "field_001.tif"]
     for path in sorted(images.iterdir()):
         image, label = tifffile.imread(path), tifffile.imread(labels / path.name)
-        assert image.dtype == np.uint16 and label.dtype == np.uint16 and image.shape == label.shape == (256, 256)
+        assert (
+            image.dtype == np.uint16 and label.dtype == np.uint16 and image.shape == label.shape == (256, 256)
+        )
         assert image.max() <= 4095 and image.max() > 4 * np.median(image)  # 12-bit counts, bright nuclei
         ids = np.unique(label)[1:]
         assert 30 <= len(ids) <= 35 and ids.tolist() == list(range(1, len(ids) + 1))
