@@ -68,6 +68,7 @@ class MaskPanels(Callback):
         self._last_logged: tuple[int, bool] | None = None
         self._disabled = num_images == 0
         self._missing_prompts: set[str] = set()
+        self._last_png_dir: Path | None = None
 
     # -- choosing the images -------------------------------------------------------------------------------
 
@@ -141,7 +142,16 @@ class MaskPanels(Callback):
         if wandb_logger is None or self.out_dir is not None:
             root = Path(self.out_dir) if self.out_dir is not None else run_dir(trainer) / "panels"
             _write_pngs(root / f"step_{step}", panels)
+            self._last_png_dir = root / f"step_{step}"
         return panels
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last thing a first run prints: where to look at the masks it learnt.
+        if trainer.is_global_zero and self._last_png_dir is not None:
+            count = len(list(self._last_png_dir.glob("*.png")))
+            print(
+                f"samlight: mask panels ({count} PNGs: ground truth | first prompt | last click) in {self._last_png_dir}"
+            )
 
     def _interact(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
         batch = self._batch.to(pl_module.device)

@@ -38,3 +38,9 @@ def test_quickstart_runs_a_few_steps(tmp_path, monkeypatch, capsys):
     assert before and summary, out[-2000:]
     assert 0.0 <= float(summary.group(2)) <= 1.0
     assert list((tmp_path / "runs").rglob("*.ckpt")), "no checkpoint written"
+    # The run ends by naming the folder of its last mask panels, so a first-time user can look at the masks.
+    panels = re.search(r"samlight: mask panels \((\d+) PNGs: .*\) in (\S+)\n", out)
+    assert panels, out[-2000:]
+    folder = Path(panels.group(2))
+    assert folder.parent.name == "panels" and folder.name == "step_3", folder
+    assert len(list(folder.glob("*.png"))) == int(panels.group(1)) > 0
