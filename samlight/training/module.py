@@ -557,7 +557,12 @@ def _valid_slots(batch: SegmentationBatch, max_per_image: int | None = None) -> 
         valid = valid & (valid.long().cumsum(1) <= max_per_image)
     slots = valid.flatten().nonzero().squeeze(1)  # N flat slot indices
     m = valid.shape[1]
-    return batch.masks.flatten(0, 1)[slots], torch.div(slots, m, rounding_mode="floor"), slots
+    if batch.masks is not None:
+        masks = batch.masks.flatten(0, 1)  # (B*M) x S x S
+    else:  # a training batch (loss-frame targets only), e.g. the mask panels' stand-in before validation
+        click_gt = batch.soft_targets().flatten(0, 1) >= 0.5  # (B*M) x S/4 x S/4
+        masks = _prompt_frame_masks(batch, click_gt, batch.images.shape[-1])
+    return masks[slots], torch.div(slots, m, rounding_mode="floor"), slots
 
 
 def _inside_image(input_sizes: Tensor, image_index: Tensor, size: int) -> Tensor:
