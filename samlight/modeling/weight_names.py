@@ -149,6 +149,21 @@ def _rename_prefix(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | 
     return None
 
 
+def _rename_all(
+    state_dict: Mapping[str, Tensor], rules: list[tuple[re.Pattern[str], str]]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Every key renamed by `rules`; returns (renamed state dict, the keys no rule matched)."""
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        name = _rename_prefix(key, rules)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value
+    return out, unknown
+
+
 def is_hf_sam(state_dict: Mapping[str, Tensor]) -> bool:
     """True for a transformers `SamModel` state dict (its encoder is `vision_encoder`, not `image_encoder`)."""
     return any(k.startswith(("vision_encoder.", "shared_image_embedding.")) for k in state_dict)
@@ -161,16 +176,7 @@ def hf_to_official(state_dict: Mapping[str, Tensor], *, source: str = "<state di
     `shared_image_embedding.positional_embedding` when both are present. Raises a ValueError naming any key that
     has no official counterpart (e.g. a head added on top of SamModel) instead of dropping it.
     """
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        if key == _HF_TIED_PE:
-            continue
-        name = _rename_prefix(key, _FROM_HF)
-        if name is None:
-            unknown.append(key)
-        else:
-            out[name] = value
+    out, unknown = _rename_all({k: v for k, v in state_dict.items() if k != _HF_TIED_PE}, _FROM_HF)
     if unknown:
         raise ValueError(
             f"Checkpoint {source} (Hugging Face SamModel layout) has {len(unknown)} keys with no SAM counterpart: "
@@ -196,14 +202,7 @@ def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     Raises a ValueError naming keys with no SamModel counterpart (e.g. samlight's `prompt_encoder.text_proj`).
     """
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        name = _rename_prefix(key, _TO_HF)
-        if name is None:
-            unknown.append(key)
-        else:
-            out[name] = value
+    out, unknown = _rename_all(state_dict, _TO_HF)
     if unknown:
         raise ValueError(
             f"{len(unknown)} keys have no transformers SamModel counterpart: {unknown[:10]}"
