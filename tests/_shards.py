@@ -1,4 +1,5 @@
-"""Test helpers that read converted shards back: straight from the tars, and through SA1BDataModule."""
+"""Test helpers for shards: tiny numbered shards to stream, and reading converted shards back (straight from the
+tars, and through SA1BDataModule)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from samlight.datamodules.tools.shards import SA1BShardWriter
 
 
 def read_shards(folder: Path) -> dict[str, dict]:
@@ -43,3 +46,19 @@ def stream_datamodule(folder: Path, image_size: int) -> dict[str, dict]:
                 "info": meta["image_info"],
             }
     return seen
+
+
+def write_numbered_shards(root, num_images: int, per_shard: int, *, num_masks: int = 2) -> list[str]:
+    """Shards `sa-00000k.tar` of `per_shard` 16 x 24 images each, keys img_000, img_001, ... in shard order.
+
+    Each image has `num_masks` (2 or 3) fixed masks: the top half, the left 5 columns and, as the third, a
+    block in the middle.
+    """
+    rng = np.random.default_rng(0)
+    with SA1BShardWriter(root, max_samples=per_shard) as writer:
+        for i in range(num_images):
+            image = rng.integers(0, 255, size=(16, 24, 3), dtype=np.uint8)
+            masks = np.zeros((3, 16, 24), bool)
+            masks[0, :8], masks[1, :, :5], masks[2, 4:9, 6:20] = True, True, True
+            writer.write(f"img_{i:03d}", image, masks=masks[:num_masks])
+    return [str(p) for p in writer.shards]

@@ -6,27 +6,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
 from samlight.datamodules import SA1BDataModule
 from samlight.datamodules.collate import collate_samples
 from samlight.datamodules.sa1b_stream import SA1BDataset, SA1BLoader
-from samlight.datamodules.tools.shards import SA1BShardWriter
+from tests._shards import write_numbered_shards
 
 RANKS, WORKERS = 2, 2
 
 
 def write_shards(root, num_images: int, per_shard: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    with SA1BShardWriter(root, max_samples=per_shard) as writer:
-        for i in range(num_images):
-            image = rng.integers(0, 255, size=(16, 24, 3), dtype=np.uint8)
-            masks = np.zeros((2, 16, 24), bool)
-            masks[0, :8], masks[1, :, :5] = True, True
-            writer.write(f"img_{i:03d}", image, masks=masks)
-    return [str(p) for p in writer.shards]
+    return write_numbered_shards(root, num_images, per_shard, num_masks=2)
 
 
 def read_rank(urls: list[str], rank: int, *, training: bool, context: str | None = None, **kw) -> list:
