@@ -108,7 +108,7 @@ class PreemptionCheckpoint(Callback):
         path = self.checkpoint_path(trainer)
         if self._saved_at_this_step(trainer, path):
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint (resumable), said explicitly
         self.saved_path = path
         rank_zero_info(f"samlight: training ended; saved {path} at step {trainer.global_step}.")
 
@@ -120,7 +120,7 @@ class PreemptionCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException):
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint (resumable), said explicitly
         self.saved_path = path
         rank_zero_info(
             f"samlight: {self._stop_signal or 'SIGTERM'} received; saved {path} at step {trainer.global_step}. "

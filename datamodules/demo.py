@@ -148,19 +148,22 @@ def nuclei_scene(
     *,
     num_nuclei: int = 35,
     diameter: tuple[float, float] = (20.0, 30.0),
+    touching: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One fluorescence-microscopy-like field: many small bright nuclei on a dark, uneven background.
 
-    Nuclei are ellipses `diameter` px across (placed without overlap, so some fields hold fewer than asked),
-    with a textured interior, blurred edges (the optics' point spread) and shot + read noise, in 12-bit counts
-    stored as uint16, as a camera writes them: most of the 16-bit range is empty, which is what a viewer or a
-    converter has to stretch.
+    Nuclei are ellipses `diameter` px across with a textured interior, blurred edges (the optics' point spread)
+    and shot + read noise, in 12-bit counts stored as uint16, as a camera writes them: most of the 16-bit range
+    is empty, which is what a viewer or a converter has to stretch.
 
     Args:
         size: (H, W).
         rng: randomness.
-        num_nuclei: nuclei to place (attempts; overlapping ones are rejected).
+        num_nuclei: nuclei to place (attempts that fail are dropped, so some fields hold fewer).
         diameter: (min, max) of each nucleus' axes in pixels.
+        touching: False (default): isolated nuclei, at least 2 px apart. True: nuclei press against each other
+            as in confluent cultures and tissue: a new one may overlap earlier ones and keeps only the free
+            pixels (at least 50, in one piece), so neighbours share borders.
     Returns:
         (image H x W uint16, instance labels H x W uint16: 0 background, 1..K one nucleus each).
     """
@@ -181,9 +184,12 @@ def nuclei_scene(
         u = (np.cos(theta) * dx + np.sin(theta) * dy) / rx
         v = (-np.sin(theta) * dx + np.cos(theta) * dy) / ry
         inside = u**2 + v**2 <= 1.0
-        grown = ndimage.binary_dilation(inside, iterations=2)  # a gap of 2 px between nuclei
-        if inside.sum() < 50 or (labels[grown] > 0).any():
-            continue
+        if touching:
+            inside &= labels == 0  # pressed against its neighbours: the earlier nuclei keep their pixels
+        elif (labels[ndimage.binary_dilation(inside, iterations=2)] > 0).any():
+            continue  # isolated nuclei: a gap of 2 px
+        if inside.sum() < 50 or (touching and ndimage.label(inside)[1] != 1):
+            continue  # too small, or cut in two by its neighbours
         placed += 1
         labels[inside] = placed
         # Chromatin texture: brightness varies by nucleus and, a little, inside it.
@@ -206,6 +212,8 @@ def write_nuclei_folder(
     num_images: int = 4,
     image_size: tuple[int, int] = (256, 256),
     num_nuclei: int = 35,
+    diameter: tuple[float, float] = (20.0, 30.0),
+    touching: bool = False,
     seed: int = 0,
 ) -> tuple[Path, Path]:
     """Write a folder of 16-bit nuclei TIFFs and uint16 instance-label TIFFs (`nuclei_scene`), as a microscope
@@ -223,7 +231,9 @@ def write_nuclei_folder(
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     for i in range(num_images):
-        image, label = nuclei_scene(image_size, rng, num_nuclei=num_nuclei)
+        image, label = nuclei_scene(
+            image_size, rng, num_nuclei=num_nuclei, diameter=diameter, touching=touching
+        )
         tifffile.imwrite(images / f"field_{i:03d}.tif", image)
         tifffile.imwrite(labels / f"field_{i:03d}.tif", label)
     return images, labels

@@ -106,6 +106,43 @@ def test_convert_folder_instance_8_and_16_bit(tmp_path: Path) -> None:
     assert np.abs(gray_image[..., 0].astype(int) - gray_image[..., 2]).max() <= 3  # gray -> 3 equal channels
 
 
+def test_convert_folder_percentile_sets_the_16_bit_stretch(tmp_path: Path) -> None:
+    """`--percentile LOW,HIGH` (the flag of the NIfTI/DICOM/GeoTIFF converters) picks the values mapped to 0 and
+    255: a 12-bit ramp with one hot pixel, stretched 0,100 (the hot pixel is white, the ramp dark) and 1,99."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    ramp = np.tile(np.linspace(100, 1100, 64), (48, 1)).astype(np.uint16)  # 48 x 64, 100 .. 1100
+    ramp[0, 0] = 4095  # a hot pixel
+    Image.fromarray(ramp).save(images / "field.png")
+    Image.fromarray(label_map(48, 64, [1], np.uint8)).save(masks / "field.png")
+    means = {}
+    for spec in ("0,100", "1,99"):
+        out = tmp_path / spec.replace(",", "_")
+        args = ("convert", "--format", "folder", "--images", images, "--labels", masks, "--output", out)
+        assert run_data(*args, "--percentile", spec) == 0
+        image = read_shards(out)["field"][0][..., 0].astype(float)
+        assert image.shape == (48, 64)
+        means[spec] = image[1:, :].mean()
+        lo, hi = np.percentile(ramp.astype(np.float32), [float(v) for v in spec.split(",")])
+        expected = np.clip((ramp.astype(np.float32) - lo) * 255.0 / (hi - lo), 0, 255)
+        assert np.abs(image - expected)[1:].mean() < 3.0, spec  # JPEG error only
+    assert means["0,100"] < 80 < 110 < means["1,99"]  # one hot pixel darkens the whole 0,100 stretch
+    with pytest.raises(SystemExit, match="LOW < HIGH"):
+        run_data(
+            "convert",
+            "--format",
+            "folder",
+            "--images",
+            images,
+            "--labels",
+            masks,
+            "--output",
+            tmp_path / "x",
+            "--percentile",
+            "99,1",
+        )
+
+
 def test_convert_folder_binary_per_object_and_components(tmp_path: Path) -> None:
     images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
     (masks / "a").mkdir(parents=True), images.mkdir()

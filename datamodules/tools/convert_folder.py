@@ -61,8 +61,20 @@ class FolderAdapter(FormatAdapter):
             help="label value treated as background, e.g. 255 for 'void' borders (repeatable)",
         )
         parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
+        parser.add_argument(
+            "--percentile",
+            default="1,99",
+            help="16-bit, integer and float images: per-image LOW,HIGH percentiles mapped to 0 and 255 "
+            "(default 1,99; 8-bit images are kept as they are)",
+        )
 
     def __init__(self, args: argparse.Namespace) -> None:
+        from samlight.datamodules.tools.volumes import parse_percentile
+
+        try:
+            args.percentile = parse_percentile(getattr(args, "percentile", (1.0, 99.0)))
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
         self.args = args
         self.used_keys: set[str] = set()
         self.masks_by_stem: dict[str, Path] = {}
@@ -141,7 +153,7 @@ def _convert_one(
 ) -> tuple[np.ndarray | bytes, list[dict[str, Any]], dict[str, Any]]:
     """Read one image and its masks. Returns (original JPEG bytes, or H x W x 3 uint8 pixels when the image must
     be re-encoded; SA-1B annotations, each with the `instance_id` it came from; json image info)."""
-    image, jpeg = read_image(image_path)
+    image, jpeg = read_image(image_path, percentile=args.percentile)
     height, width = image.shape[:2]
     components = 8 if args.connected_components else None
     if args.mask_mode == "instance":
@@ -162,9 +174,12 @@ def _convert_one(
     return (jpeg if jpeg is not None else image), annotations, info
 
 
-def read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
-    """Read an image as H x W x 3 uint8 RGB. Returns (pixels, the file's bytes when it is already an RGB JPEG that
-    can go into the shard unchanged, else None)."""
+def read_image(
+    path: Path, *, percentile: tuple[float, float] = (1.0, 99.0)
+) -> tuple[np.ndarray, bytes | None]:
+    """Read an image as H x W x 3 uint8 RGB (non-8-bit data stretched between the `percentile`s, `to_rgb_uint8`).
+    Returns (pixels, the file's bytes when it is already an RGB JPEG that can go into the shard unchanged, else
+    None)."""
     try:
         raw = path.read_bytes()
         with Image.open(io.BytesIO(raw)) as img:
@@ -174,7 +189,7 @@ def read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
         raise
     except Exception as err:  # any decoder error means the file is unusable
         raise SkipInput("unreadable", f"{path}: {err}") from err
-    rgb = to_rgb_uint8(array)
+    rgb = to_rgb_uint8(array, low=percentile[0], high=percentile[1])
     return rgb, (raw if is_rgb_jpeg else None)
 
 

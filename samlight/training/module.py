@@ -142,6 +142,7 @@ class SamModule(LightningModule):
         self._rng: RankRandomness | None = None  # this rank's training-step generators (seed_rank_randomness)
         self._initial_seed: int | None = None  # torch's seed before this module first reseeded it
         self.miou_history: list[tuple[int, float]] = []
+        self._scale_checked = False  # on_train_batch_start: first batch checked against the model
 
     def _make_model(self, checkpoint: str | None, encoder_checkpoint: str | None):
         """The `Sam` of this module's hyperparameters: built, start weights loaded, parts frozen, LoRA applied."""
@@ -197,6 +198,32 @@ class SamModule(LightningModule):
 
     # -------------------------------------------------------------------------------------------- training
 
+    def on_train_batch_start(self, batch: SegmentationBatch, batch_idx: int) -> None:
+        """Check the first training batch against the model: input size, and object size in encoder patches."""
+        if self._scale_checked:
+            return
+        self._scale_checked = True
+        size = batch.images.shape[-1]
+        if size != self.model.image_size:
+            raise ValueError(
+                f"the training images are {size} px (data.image_size) but the model's input is "
+                f"{self.model.image_size} px; set both to the same value (model.model_overrides: "
+                f"{{image_size: {size}}} for a variant whose default differs)"
+            )
+        patch = self.model.image_size // self.model.prompt_encoder.image_embedding_size[0]
+        extent = object_extent_patches(batch, patch)  # one host sync, once per fit
+        if extent.numel() and self.global_rank == 0:
+            median = float(extent.median())
+            if median < MIN_OBJECT_PATCHES:
+                rank_zero_warn(
+                    f"the median training object spans {median:.1f} encoder patches ({patch} px each at "
+                    f"image_size {self.model.image_size}; {extent.numel()} masks of the first batch). SAM's "
+                    f"decoder draws a mask from the patch embeddings; below ~{MIN_OBJECT_PATCHES:g} patches a "
+                    "model from random init learns to predict nothing. "
+                    "Raise the input size (data.image_size and the model's image_size, e.g. 512 for the "
+                    "tiny variant, or a ViT config at 1024), see docs/training.md#why-small-objects-learned-nothing"
+                )
+
     def training_step(self, batch: SegmentationBatch, batch_idx: int) -> Tensor:
         """One interactive episode over every mask slot of the batch: the same shapes every step, no host sync.
 
@@ -246,7 +273,9 @@ class SamModule(LightningModule):
         draw = torch.rand(n, device=rng.device.device, generator=rng.device)
         return torch.searchsorted(cdf, draw, right=True).clamp(max=len(self.prompt_types) - 1)
 
-    def _initial_prompts(self, gt: Tensor, context: PromptContext, rng: RankRandomness) -> tuple[Prompts, Tensor]:
+    def _initial_prompts(
+        self, gt: Tensor, context: PromptContext, rng: RankRandomness
+    ) -> tuple[Prompts, Tensor]:
         """Round-0 prompts of N masks, each mask's type drawn by the mixture weights, and the N loss weights.
 
         Every configured type samples all N masks (static shapes) and `merge_prompts` keeps each mask's own;
@@ -548,6 +577,19 @@ def _prompt_frame_masks(batch: SegmentationBatch, click_gt: Tensor, size: int) -
         return batch.masks.flatten(0, 1)
     factor = size // click_gt.shape[-1]
     return click_gt.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+MIN_OBJECT_PATCHES = 2.0  # measured on nuclei: ~1.1 patches across learn nothing, ~1.6 slowly, ~2.2 well
+
+
+def object_extent_patches(batch: SegmentationBatch, patch_size: int) -> Tensor:
+    """Equivalent diameter, in encoder patches, of every valid mask of a batch: 2 sqrt(area / pi) / patch.
+
+    Areas come from the loss-frame targets (S/4 cells, 16 input pixels each), so no full-size mask is read.
+    """
+    areas = batch.soft_targets().flatten(2).sum(-1) * 16.0  # B x M input pixels
+    areas = areas[batch.mask_valid]
+    return 2.0 * torch.sqrt(areas / np.pi) / patch_size
 
 
 def _valid_slots(batch: SegmentationBatch, max_per_image: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
