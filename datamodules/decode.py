@@ -349,9 +349,7 @@ def decode_sa1b_sample(
         SampleError naming the defect (reason is the skip counter's name).
     """
     if mask_frame not in ("auto", "input", "targets"):
-        raise ValueError(
-            f"decode_sa1b_sample: mask_frame must be 'auto', 'input' or 'targets', got {mask_frame!r}"
-        )
+        raise ValueError(f"decode_sa1b_sample: mask_frame must be 'auto', 'input' or 'targets', got {mask_frame!r}")
     if mask_frame == "auto":
         mask_frame = "targets" if rng is not None else "input"
     if isinstance(record, (bytes, bytearray, str)):

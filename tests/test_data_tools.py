@@ -198,7 +198,7 @@ def test_convert_folder_bad_inputs_are_skipped_counted_and_named(tmp_path: Path,
     args = Namespace(format="folder", images=images, labels=masks, output=tmp_path / "out", shard_size=2,
                      max_shard_bytes=1 << 30, prefix="sa", quality=90, mask_mode="instance", mask_suffix="",
                      connected_components=False, min_area=2, ignore_value=[], recursive=False,
-                     strict=False)  # fmt: skip
+                     percentile="1,99", strict=False)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="samlight.datamodules"):
         summary: ConvertSummary = convert.run(args)
     assert summary.images_written == 1 and summary.masks_written == 2

@@ -79,7 +79,7 @@ def test_nuclei_folder_is_16_bit_with_uint16_instance_labels(tmp_path, touching)
 
 
 def _batch(diameter_px: float, size: int = 256):
-    """A training batch of 2 images x 3 round masks `diameter_px` across (S/4 loss-frame targets only)."""
+    """A training batch of 2 images x 3 disk masks `diameter_px` across (S/4 loss-frame targets only)."""
     import numpy as np
 
     from samlight.datamodules.batch import SegmentationBatch
@@ -124,14 +124,14 @@ def test_image_size_mismatch_is_a_clear_error():
     module = SamModule(variant="tiny")  # 256 px input
     with pytest.raises(ValueError, match=r"training images are 384 px .* model's input is 256 px"):
         module.on_train_batch_start(_batch(40.0, size=384), 0)
-    # The microscopy config's pair agrees.
-    SamModule(variant="tiny", model_overrides={"image_size": 384}).on_train_batch_start(
-        _batch(60.0, size=384), 0
+    # The microscopy config's pair (512 px data, 512 px model) agrees.
+    SamModule(variant="tiny", model_overrides={"image_size": 512}).on_train_batch_start(
+        _batch(80.0, size=512), 0
     )
 
 
-def _held_out_curve(tmp_path, config: str, *extra: str, capsys) -> dict[int, float]:
-    """The guide's run: 4 touching-nuclei fields -> CLI conversion (3 train, 1 held out) -> `samlight fit`."""
+def _held_out_curve(tmp_path, config: str, *, capsys) -> dict[int, float]:
+    """The guide's run: 4 small-nuclei fields -> CLI conversion (3 train, 1 held out) -> `samlight fit`."""
     images, labels = write_nuclei_folder(tmp_path / "tiff", **SMALL_NUCLEI)
     train = _convert(images, labels, ["field_000", "field_001", "field_002"], tmp_path / "train")
     val = _convert(images, labels, ["field_003"], tmp_path / "val")
@@ -149,7 +149,6 @@ def _held_out_curve(tmp_path, config: str, *extra: str, capsys) -> dict[int, flo
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
-            *extra,
         ]
     )
     assert code in (0, None)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from samlight.datamodules.tools.convert import ConvertSummary, FormatAdapter, Sample, SkipInput
 from samlight.datamodules.tools.labels import MASK_CHUNK, label_annotations, label_masks, split_components
+from samlight.datamodules.tools.volumes import parse_percentile
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -69,13 +70,8 @@ class FolderAdapter(FormatAdapter):
         )
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from samlight.datamodules.tools.volumes import parse_percentile
-
-        try:
-            args.percentile = parse_percentile(getattr(args, "percentile", (1.0, 99.0)))
-        except ValueError as err:
-            raise SystemExit(str(err)) from err
         self.args = args
+        self.percentile = parse_percentile(args.percentile)  # a ValueError names the flag (convert skeleton)
         self.used_keys: set[str] = set()
         self.masks_by_stem: dict[str, Path] = {}
 
@@ -100,7 +96,7 @@ class FolderAdapter(FormatAdapter):
                 "unmatched image", str(path), f"no mask named {stem}{args.mask_suffix}.* in {args.labels}"
             )
             return
-        image, annotations, info = _convert_one(path, source, args, summary)
+        image, annotations, info = _convert_one(path, source, args, self.percentile, summary)
         if not annotations:
             summary.skip("no masks", str(path), "no object left after --min-area / --ignore-value")
             return
@@ -149,11 +145,15 @@ def _index_masks(root: Path, mode: str, suffix: str) -> dict[str, Path]:
 
 
 def _convert_one(
-    image_path: Path, source: Path, args: argparse.Namespace, summary: ConvertSummary
+    image_path: Path,
+    source: Path,
+    args: argparse.Namespace,
+    percentile: tuple[float, float],
+    summary: ConvertSummary,
 ) -> tuple[np.ndarray | bytes, list[dict[str, Any]], dict[str, Any]]:
     """Read one image and its masks. Returns (original JPEG bytes, or H x W x 3 uint8 pixels when the image must
     be re-encoded; SA-1B annotations, each with the `instance_id` it came from; json image info)."""
-    image, jpeg = read_image(image_path, percentile=args.percentile)
+    image, jpeg = read_image(image_path, percentile=percentile)
     height, width = image.shape[:2]
     components = 8 if args.connected_components else None
     if args.mask_mode == "instance":

@@ -94,9 +94,7 @@ class MaskDecoder(nn.Module):
             multi = multimask_output.view(-1, 1)  # N x 1
             single = masks[:, :1].expand(-1, self.num_multimask_outputs, -1, -1)  # N x 3 x 4h x 4w
             masks = torch.where(multi[..., None, None], masks[:, 1:], single)
-            iou_pred = torch.where(
-                multi, iou_pred[:, 1:], iou_pred[:, :1].expand(-1, self.num_multimask_outputs)
-            )
+            iou_pred = torch.where(multi, iou_pred[:, 1:], iou_pred[:, :1].expand(-1, self.num_multimask_outputs))
             return masks, iou_pred
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou_pred[:, keep]

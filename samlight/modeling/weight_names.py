@@ -60,9 +60,7 @@ def has_lora(state_dict: Mapping[str, Tensor]) -> bool:
     return any(".lora_A." in key for key in state_dict)
 
 
-def merge_lora(
-    state_dict: Mapping[str, Tensor], *, r: int = 8, alpha: float = 16.0, **_
-) -> dict[str, Tensor]:
+def merge_lora(state_dict: Mapping[str, Tensor], *, r: int = 8, alpha: float = 16.0, **_) -> dict[str, Tensor]:
     """Fold peft LoRA adapters into plain encoder weights (W + alpha / r * B @ A) under the official names.
 
     `r` and `alpha` are the run's `lora` settings (SamModule / apply_lora defaults r=8, alpha=16); other keys
@@ -75,10 +73,7 @@ def merge_lora(
             continue
         if key.endswith(".base_layer.weight"):
             prefix = key[: -len(".base_layer.weight")]
-            down, up = (
-                state_dict[f"{prefix}.lora_A.default.weight"],
-                state_dict[f"{prefix}.lora_B.default.weight"],
-            )
+            down, up = state_dict[f"{prefix}.lora_A.default.weight"], state_dict[f"{prefix}.lora_B.default.weight"]
             value = value + (scale * up.float() @ down.float()).to(value.dtype)
         name = key.replace("image_encoder.base_model.model.", "image_encoder.").replace(".base_layer.", ".")
         merged[name] = value
@@ -98,10 +93,7 @@ _HF_PAIRS = [
     ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
     ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
     ("image_encoder.pos_embed", "vision_encoder.pos_embed"),
-    (
-        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
-        "shared_image_embedding.positional_embedding",
-    ),
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
     ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
     ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
     ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
@@ -117,18 +109,9 @@ _HF_PAIRS = [
     ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
     ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
     # The 3-layer head MLPs: HF names the first and last layer proj_in / proj_out, the middle one layers.0.
-    (
-        "mask_decoder.output_hypernetworks_mlps.#.layers.0.",
-        "mask_decoder.output_hypernetworks_mlps.#.proj_in.",
-    ),
-    (
-        "mask_decoder.output_hypernetworks_mlps.#.layers.1.",
-        "mask_decoder.output_hypernetworks_mlps.#.layers.0.",
-    ),
-    (
-        "mask_decoder.output_hypernetworks_mlps.#.layers.2.",
-        "mask_decoder.output_hypernetworks_mlps.#.proj_out.",
-    ),
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.0.", "mask_decoder.output_hypernetworks_mlps.#.proj_in."),
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.1.", "mask_decoder.output_hypernetworks_mlps.#.layers.0."),
+    ("mask_decoder.output_hypernetworks_mlps.#.layers.2.", "mask_decoder.output_hypernetworks_mlps.#.proj_out."),
     ("mask_decoder.iou_prediction_head.layers.0.", "mask_decoder.iou_prediction_head.proj_in."),
     ("mask_decoder.iou_prediction_head.layers.1.", "mask_decoder.iou_prediction_head.layers.0."),
     ("mask_decoder.iou_prediction_head.layers.2.", "mask_decoder.iou_prediction_head.proj_out."),

@@ -197,9 +197,7 @@ def episode_round(
         round_prompts, multimask = prompts, prompts.ambiguous()
     else:
         round_prompts, multimask = replace(prompts, mask_inputs=feedback), False
-    logits, iou_pred = _decode(
-        model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds
-    )
+    logits, iou_pred = _decode(model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds)
     best = iou_pred.argmax(dim=1)  # N
     pred = binarize(select_output(logits.detach(), best), click_gt.shape[-1])  # N x H x W
     if valid_region is not None:

@@ -212,7 +212,7 @@ class SamModule(LightningModule):
             )
         patch = self.model.image_size // self.model.prompt_encoder.image_embedding_size[0]
         extent = object_extent_patches(batch, patch)  # one host sync, once per fit
-        if extent.numel() and self.global_rank == 0:
+        if extent.numel():
             median = float(extent.median())
             if median < MIN_OBJECT_PATCHES:
                 rank_zero_warn(
@@ -273,9 +273,7 @@ class SamModule(LightningModule):
         draw = torch.rand(n, device=rng.device.device, generator=rng.device)
         return torch.searchsorted(cdf, draw, right=True).clamp(max=len(self.prompt_types) - 1)
 
-    def _initial_prompts(
-        self, gt: Tensor, context: PromptContext, rng: RankRandomness
-    ) -> tuple[Prompts, Tensor]:
+    def _initial_prompts(self, gt: Tensor, context: PromptContext, rng: RankRandomness) -> tuple[Prompts, Tensor]:
         """Round-0 prompts of N masks, each mask's type drawn by the mixture weights, and the N loss weights.
 
         Every configured type samples all N masks (static shapes) and `merge_prompts` keeps each mask's own;
