@@ -1,7 +1,7 @@
 """A small synthetic SA-1B-format set (coloured shapes on textured backgrounds), written on first use.
 
 Used by `configs/quickstart.yaml` (`train_urls: demo`) and the tests, so samlight trains out of the box with no
-download. Written once per parameter set into `$SAMLIGHT_CACHE/demo-v1/...` (default `~/.cache/samlight`),
+download. Written once per parameter set into `$SAMLIGHT_CACHE/demo-v2/...` (default `~/.cache/samlight`),
 atomically, so concurrent first uses (several ranks, several test processes) never see a half-written set.
 """
 
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from samlight.datamodules.tools.shards import SA1BShardWriter, annotations_from_masks
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"  # v1 (until 2026-12): 3-8 freely occluding shapes per image
 SHAPE_LABELS = {"ellipse": 1, "rectangle": 2, "polygon": 3}
 
 
@@ -90,16 +90,35 @@ def _write_set(
 
 
 def synthetic_scene(
-    size: tuple[int, int], rng: np.random.Generator
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    num_shapes: tuple[int, int] = (14, 28),
+    radius: tuple[float, float] = (0.07, 0.16),
+    max_overlap: float = 0.4,
+    min_area: float = 0.013,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One scene: textured background with 3-8 coloured shapes, later shapes occluding earlier ones.
+    """One dense scene: a textured background crowded with coloured shapes, each annotated mask one whole piece.
+
+    Shapes are placed one after another, a later one on top; a placement is redrawn when more than `max_overlap`
+    of the new shape would cover earlier ones. A shape becomes a mask only if its visible part is in one piece and
+    covers at least `min_area` of the image, as an annotator would mark it; the rest stay in the picture
+    unlabelled. Dense and whole on purpose (docs/training.md#the-quickstart): the quickstart's first version drew
+    3-8 freely occluding shapes, 16% of its masks were in pieces, and a tiny model from random init learnt them
+    slowly (held-out 1-click mIoU 0.345 after 600 steps); more whole masks per image is what it learns from.
 
     Args:
         size: (H, W).
         rng: randomness.
+        num_shapes: (low, high) shapes to place, high exclusive; placements that keep failing are dropped.
+        radius: (low, high) of each shape's half-axes as fractions of the image width / height.
+        max_overlap: largest fraction of a new shape that may lie on earlier shapes.
+        min_area: smallest visible area of an annotated shape, as a fraction of the image.
     Returns:
         (image H x W x 3 uint8, visible instance masks M x H x W bool, shape label per mask).
     """
+    from scipy import ndimage
+
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # Background: two random colours blended along a random direction, plus low-frequency stripes and noise.
@@ -110,26 +129,35 @@ def synthetic_scene(
     image = c0 * (1 - t) + c1 * t + stripes[..., None]
     image += 6 * rng.standard_normal(size=(h, w, 3), dtype=np.float32)
     owner = np.full((h, w), -1, dtype=np.int32)
-    labels = []
-    for index in range(int(rng.integers(3, 9))):
+    labels: list[int] = []
+    target = int(rng.integers(*num_shapes))
+    for _ in range(target * 30):
+        if len(labels) == target:
+            break
         kind = rng.choice(list(SHAPE_LABELS))
-        shape = _shape_mask(kind, h, w, rng)
+        shape = _shape_mask(kind, h, w, rng, radius)
+        if (owner[shape] >= 0).sum() > max_overlap * shape.sum():
+            continue
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
         shade = 1 + 0.15 * np.sin(xx[shape] / rng.uniform(3, 9))  # a little texture inside the object
         image[shape] = colour * shade[:, None]
-        owner[shape] = index
+        owner[shape] = len(labels)
         labels.append(SHAPE_LABELS[kind])
-    masks = np.stack([owner == i for i in range(len(labels))])  # M x H x W, visible parts only
-    keep = masks.sum(axis=(1, 2)) >= 30  # fully occluded or tiny: not a useful target
     image = np.clip(image, 0, 255).astype(np.uint8)
+    if not labels:
+        return image, np.zeros((0, h, w), dtype=bool), []
+    masks = np.stack([owner == i for i in range(len(labels))])  # M x H x W, visible parts only
+    keep = (masks.sum(axis=(1, 2)) >= min_area * h * w) & np.array([ndimage.label(m)[1] == 1 for m in masks])
     return image, masks[keep], [lab for lab, k in zip(labels, keep) if k]
 
 
-def _shape_mask(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _shape_mask(
+    kind: str, h: int, w: int, rng: np.random.Generator, radius: tuple[float, float]
+) -> np.ndarray:
     canvas = Image.new("1", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
     cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
-    rx, ry = rng.uniform(0.05, 0.25) * w, rng.uniform(0.05, 0.25) * h
+    rx, ry = rng.uniform(*radius) * w, rng.uniform(*radius) * h
     if kind == "ellipse":
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
     elif kind == "rectangle":

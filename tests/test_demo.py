@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from samlight.datamodules import SA1BDataModule, make_demo_shards
 from samlight.datamodules.decode import decode_image
+from samlight.datamodules.demo import DEMO_VERSION, synthetic_scene
 
 SMALL = {"num_train": 6, "num_val": 3, "image_size": (48, 64), "samples_per_shard": 4}
 
@@ -83,5 +84,26 @@ def test_datamodule_resolves_demo_into_the_cache(tmp_path, monkeypatch):
     val_keys = [m["key"] for b in dm.val_dataloader() for m in b.meta]
     assert len(train) == 2 and train[0].images.shape == (4, 3, 64, 64)
     assert sorted(val_keys) == [f"val_{i:05d}" for i in range(16)]
-    assert len(list(tmp_path.glob("demo-v1/*/train/*.tar"))) == 4
+    assert len(list(tmp_path.glob(f"{DEMO_VERSION}/*/train/*.tar"))) == 4
     assert np.all([m["mask_labels"] is not None for b in train for m in b.meta])
+
+
+def test_demo_scenes_are_dense_and_every_mask_is_one_whole_piece():
+    """The quickstart learns from these masks: many per image, each one connected piece of a useful size."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    counts = []
+    for i in range(12):
+        size = (240, 320) if i % 2 == 0 else (320, 240)
+        image, masks, labels = synthetic_scene(size, rng)
+        assert image.shape == (*size, 3) and masks.shape[1:] == size and len(labels) == masks.shape[0]
+        assert masks.sum(axis=0).max() <= 1  # visible parts never overlap
+        areas = masks.sum(axis=(1, 2))
+        assert areas.min() >= 0.013 * size[0] * size[1]
+        assert all(ndimage.label(m)[1] == 1 for m in masks)  # none cut in two by a shape on top
+        counts.append(masks.shape[0])
+    assert np.mean(counts) >= 10, counts  # dense: v1 held 3-8 shapes, some of them in pieces
+    # Stricter settings drop what they must: a shape covered beyond min_area is left unannotated.
+    _, masks, _ = synthetic_scene((240, 320), np.random.default_rng(1), min_area=0.05)
+    assert masks.shape[0] and masks.sum(axis=(1, 2)).min() >= 0.05 * 240 * 320
