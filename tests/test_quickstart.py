@@ -1,4 +1,11 @@
-"""The quickstart config trains end to end through `samlight fit` (a few steps, on CPU, no download)."""
+"""The quickstart config trains end to end through `samlight fit` (on CPU, no download), and its first run convinces.
+
+The whole quickstart (1200 steps, 169 s on 2 cores) reaches a held-out 1-click mIoU of 0.571.
+`test_quickstart_learns_in_its_first_400_steps` runs its first 400 steps unchanged (the lr schedule depends only on
+the step, so they are the same steps) and checks the figure printed at step 400 (measured 0.458). It fails on the
+cause found for issue 14: the same recipe on the old demo scenes (3-8 freely occluding shapes, 16% of the masks in
+pieces) gives 0.136 at step 400 (measured with demo.py of the previous commit; docs/training.md#the-quickstart).
+"""
 
 from __future__ import annotations
 
@@ -11,28 +18,47 @@ import pytest
 from samlight.cli.main import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+MIOU_LINE = re.compile(r"1-click mIoU \(point\) (?:before training|step (\d+)): ([0-9.]+)")
+
+
+def run_quickstart(tmp_path, monkeypatch, capsys, overrides: list[str]) -> str:
+    """`samlight fit --config configs/quickstart.yaml OVERRIDES` in-process, as on first use; returns stdout."""
+    monkeypatch.setenv("SAMLIGHT_CACHE", str(tmp_path / "cache"))  # the demo shards are written here
+    monkeypatch.setattr(sys, "argv", ["samlight"])
+    code = main(
+        ["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path / 'runs'}", *overrides]
+    )
+    out = capsys.readouterr().out
+    assert code in (0, None), out[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_learns_in_its_first_400_steps(tmp_path, monkeypatch, capsys):
+    out = run_quickstart(
+        tmp_path, monkeypatch, capsys, ["--trainer.max_steps=400", "--trainer.enable_progress_bar=false"]
+    )
+    curve = {int(step or 0): float(value) for step, value in MIOU_LINE.findall(out)}
+    assert set(curve) == {0, 400}, out[-2000:]
+    assert curve[0] < 0.1  # random init: prompts do not steer it yet
+    assert curve[400] >= 0.40, curve  # measured 0.458; the old demo scenes: 0.136
 
 
 @pytest.mark.slow
 def test_quickstart_runs_a_few_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SAMLIGHT_CACHE", str(tmp_path / "cache"))  # the demo shards are written here
-    monkeypatch.setattr(sys, "argv", ["samlight"])
-    code = main(
+    out = run_quickstart(
+        tmp_path,
+        monkeypatch,
+        capsys,
         [
-            "fit",
-            "--config",
-            str(QUICKSTART),
-            f"--trainer.default_root_dir={tmp_path / 'runs'}",
             "--trainer.max_steps=3",
             "--trainer.val_check_interval=3",
             "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=1",
             "--data.init_args.batch_size=2",
             "--data.init_args.max_masks=4",
-        ]
+        ],
     )
-    out = capsys.readouterr().out
-    assert code == 0
     before = re.search(r"1-click mIoU \(point\) before training: ([0-9.]+)", out)
     summary = re.search(r"1-click mIoU ([0-9.]+) \(step 0\) -> ([0-9.]+) \(step 3\)", out)
     assert before and summary, out[-2000:]
