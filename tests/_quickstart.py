@@ -1,7 +1,8 @@
-"""Arguments for a few-step quickstart run on a demo set of the test's own (dashboard tests share them)."""
+"""Helpers for tests that run the quickstart: few-step run arguments, an own demo set, the printed mIoU curve."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # A few steps of the quickstart: tiny images, few masks, one validation batch at the end.
@@ -29,3 +30,11 @@ def own_demo_shards(tmp_path: Path) -> list[str]:
 
     train, val = make_demo_shards(tmp_path / "demo", num_train=8, num_val=4, samples_per_shard=4)
     return [f"--data.init_args.train_urls={'::'.join(train)}", f"--data.init_args.val_urls={'::'.join(val)}"]
+
+
+_MIOU_LINE = re.compile(r"1-click mIoU \(point\) (?:before training|step (\d+)): ([0-9.]+)")
+
+
+def printed_miou_curve(out: str) -> dict[int, float]:
+    """The held-out 1-click mIoU a `samlight fit` run printed, by step (0 = before training)."""
+    return {int(step or 0): float(value) for step, value in _MIOU_LINE.findall(out)}

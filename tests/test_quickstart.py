@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from samlight.cli.main import main
+from tests._quickstart import printed_miou_curve
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-MIOU_LINE = re.compile(r"1-click mIoU \(point\) (?:before training|step (\d+)): ([0-9.]+)")
 
 
 def run_quickstart(tmp_path, monkeypatch, capsys, overrides: list[str]) -> str:
@@ -38,7 +38,7 @@ def test_quickstart_learns_in_its_first_400_steps(tmp_path, monkeypatch, capsys)
     out = run_quickstart(
         tmp_path, monkeypatch, capsys, ["--trainer.max_steps=400", "--trainer.enable_progress_bar=false"]
     )
-    curve = {int(step or 0): float(value) for step, value in MIOU_LINE.findall(out)}
+    curve = printed_miou_curve(out)
     assert set(curve) == {0, 400}, out[-2000:]
     assert curve[0] < 0.1  # random init: prompts do not steer it yet
     assert curve[400] >= 0.40, curve  # measured 0.458; the old demo scenes: 0.136

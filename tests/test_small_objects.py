@@ -9,7 +9,6 @@ such a run now warns about exactly that (`test_small_objects_warn`)."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,12 +18,12 @@ import torch
 
 from samlight.cli.main import main
 from samlight.datamodules.demo import write_nuclei_folder
+from tests._quickstart import printed_miou_curve
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 200
 # The worked example of docs/finetune-microscopy.md: 256 px fields of ~50 nuclei 14-22 px across (~1 patch).
 SMALL_NUCLEI = dict(num_images=4, num_nuclei=50, diameter=(14.0, 22.0), seed=0)
-MIOU_LINE = re.compile(r"1-click mIoU \(point\) (?:before training|step (\d+)): ([0-9.]+)")
 
 
 def _convert(images: Path, labels: Path, stems: list[str], out: Path) -> str:
@@ -153,7 +152,7 @@ def _held_out_curve(tmp_path, config: str, *, capsys) -> dict[int, float]:
     )
     assert code in (0, None)
     printed = capsys.readouterr().out
-    curve = {int(step or 0): float(miou) for step, miou in MIOU_LINE.findall(printed)}
+    curve = printed_miou_curve(printed)
     print(f"held-out 1-click mIoU by step: {curve}")  # the curve, with -s (docs quote it)
     return curve
 
