@@ -51,12 +51,25 @@ class CorrectiveClicks(ShowsConfig):
             rounds.insert(position, False)
         return rounds + [False]
 
+    def click_noise(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor | None:
+        """The N x 1 random numbers one round of `next_clicks` draws (mode "uniform"); None in mode "center".
+
+        `next_clicks(..., uniform=click_noise(n, g))` places the same clicks as `next_clicks(..., g)`.
+        """
+        if self.mode != "uniform":
+            return None
+        return torch.rand(n, 1, generator=generator, device=device)
+
     def next_clicks(
         self,
         gt_masks: Tensor,
         pred_masks: Tensor,
         generator: torch.Generator | None = None,
         valid: Tensor | None = None,
+        *,
+        uniform: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The next click for each of N masks.
 
@@ -69,6 +82,8 @@ class CorrectiveClicks(ShowsConfig):
             gt_masks: N x H x W bool.
             pred_masks: N x H x W bool.
             generator: random source on the masks' device (mode "uniform").
+            uniform: N x 1 numbers in [0, 1) to draw with instead of `generator` (mode "uniform"), e.g. drawn
+                outside a `torch.compile`d region, which cannot take a `torch.Generator`.
             valid: N x H x W bool, the pixels of the image inside the padded frame; None = the whole frame.
 
         Returns:
@@ -82,7 +97,7 @@ class CorrectiveClicks(ShowsConfig):
         false_pos = pred_masks & ~gt_masks
         if self.mode == "uniform":
             region = _with_fallback(false_neg | false_pos, gt_masks, frame)
-            flat = random_pixel(region, generator)
+            flat = random_pixel(region, generator, uniform=uniform)
         else:
             # The paper's protocol: the pixel farthest from the boundary of its own error region (false
             # negatives and false positives separately, so they never share a boundary), best of both. A mask
@@ -103,21 +118,27 @@ def _with_fallback(error: Tensor, gt_masks: Tensor, frame: Tensor) -> Tensor:
     return torch.where(has_error, error, torch.where(has_object, gt_masks, frame))
 
 
-def random_pixel(region: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def random_pixel(
+    region: Tensor, generator: torch.Generator | None = None, *, uniform: Tensor | None = None
+) -> Tensor:
     """N long flat indices, one pixel drawn uniformly from each N x H x W region (index 0 if empty)."""
-    return random_pixels(region, 1, generator)[:, 0]
+    return random_pixels(region, 1, generator, uniform=uniform)[:, 0]
 
 
-def random_pixels(region: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def random_pixels(
+    region: Tensor, num: int, generator: torch.Generator | None = None, *, uniform: Tensor | None = None
+) -> Tensor:
     """N x num long flat indices, each drawn uniformly (independently) from its N x H x W region; 0 if empty.
 
     Draws N x num random numbers, not N x H x W: a uniform rank among the region's pixels picks the row by the
-    cumulative row counts, then the column inside that row, each with a binary search. Sync-free.
+    cumulative row counts, then the column inside that row, each with a binary search. Sync-free. `uniform`
+    (N x num in [0, 1)) replaces the draw, so that the rest can run where a generator cannot go (a compiled
+    graph); the same numbers give the same pixels.
     """
     n, h, w = region.shape
     cum_rows = region.sum(2).cumsum(1)  # N x H: region pixels in rows <= y
     total = cum_rows[:, -1:]  # N x 1
-    u = torch.rand(n, num, generator=generator, device=region.device)
+    u = torch.rand(n, num, generator=generator, device=region.device) if uniform is None else uniform
     rank = torch.minimum((u * total).long(), (total - 1).clamp(min=0))  # N x num in [0, total)
     row = torch.searchsorted(cum_rows, rank, right=True).clamp(max=h - 1)  # N x num
     before = torch.where(row > 0, cum_rows.gather(1, (row - 1).clamp(min=0)), 0)  # N x num

@@ -15,7 +15,7 @@ from samlight.datamodules.decode import decode_mask_targets, decode_masks, decod
 from samlight.prompts import BoxPrompt, CorrectiveClicks, PointPrompt
 from samlight.prompts.clicks import random_pixels
 from samlight.prompts.types import merge_prompts
-from samlight.training.episode import run_episode
+from samlight.training.episode import episode_round, run_episode
 from samlight.training.module import SamModule
 
 S = 64
@@ -215,9 +215,7 @@ def test_episode_compiles_fullgraph():
     click_gt = F.avg_pool2d(gt[:, None].float(), 4)[:, 0] >= 0.5
     emb = model.encode_images(torch.randn(2, 3, S, S)).detach()
     index = torch.tensor([0, 0, 1, 1])
-    prompts = merge_prompts(
-        [PointPrompt().sample(gt), BoxPrompt().sample(gt)], torch.tensor([0, 1, 1, 0])
-    )
+    prompts = merge_prompts([PointPrompt().sample(gt), BoxPrompt().sample(gt)], torch.tensor([0, 1, 1, 0]))
     clicks = CorrectiveClicks(num_clicks=1, mask_only_rounds=1)
     schedule = [True, False]
 
@@ -247,3 +245,48 @@ def test_loss_compiles_fullgraph():
     compiled = torch.compile(loss.forward, fullgraph=True, backend="aot_eager")(logits, iou, targets, weights)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(compiled.best_output, eager.best_output)
+
+
+def test_training_round_compiles_fullgraph_with_a_click_generator():
+    """`SamModule(compile=True)` compiles `episode_round` and passes the rank's click generator: the round must
+    trace with no graph break (a Generator inside it used to stop Dynamo) and place the eager run's clicks."""
+    torch._dynamo.reset()
+    model = build_sam("tiny", image_size=S)
+    gt = _gt(4)
+    click_gt = F.avg_pool2d(gt[:, None].float(), 4)[:, 0] >= 0.5
+    emb = model.encode_images(torch.randn(2, 3, S, S)).detach()
+    index = torch.tensor([0, 0, 1, 1])
+    prompts = BoxPrompt().sample(gt)
+    clicks = CorrectiveClicks(num_clicks=2, mask_only_rounds=0, mode="uniform")
+    compiled_round = torch.compile(episode_round, fullgraph=True, backend="aot_eager")
+
+    def episode(round_fn):
+        ep = run_episode(
+            model,
+            emb,
+            index,
+            prompts,
+            click_gt,
+            clicks,
+            generator=torch.Generator().manual_seed(11),
+            round_fn=round_fn,
+        )
+        return torch.cat([r.low_res_logits.flatten(1) for r in ep.rounds], 1), ep.click_coords
+
+    eager = episode(None)
+    compiled = episode(compiled_round)
+    torch.testing.assert_close(compiled[1], eager[1])  # the same clicks from the same generator
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+    assert eager[1].shape == (4, 2, 2)  # the 2 corrective clicks of each mask
+
+
+def test_pre_drawn_click_noise_places_the_generators_clicks():
+    gt = _gt(6)
+    pred = torch.zeros_like(gt)
+    clicks = CorrectiveClicks(mode="uniform")
+    drawn = clicks.next_clicks(gt, pred, torch.Generator().manual_seed(4))
+    noise = clicks.click_noise(6, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(clicks.next_clicks(gt, pred, uniform=noise), drawn)
+    other = clicks.next_clicks(gt, pred, uniform=torch.rand(6, 1, generator=torch.Generator().manual_seed(9)))
+    assert not torch.equal(other[0], drawn[0])  # the noise, not some fixed rule, places the click
+    assert CorrectiveClicks(mode="center").click_noise(6) is None

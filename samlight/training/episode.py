@@ -126,6 +126,8 @@ def run_episode(
     initial_prompts = prompts
     for r in range(1 + len(schedule)):
         add_click = r > 0 and schedule[r - 1]
+        # The click's random numbers are drawn here, not in the round: a compiled round cannot take a Generator.
+        noise = clicks.click_noise(n, generator, device) if add_click else None
         logits, iou_pred, best, pred, iou, prompts, xy, lab = step(
             model,
             image_embeddings,
@@ -138,7 +140,7 @@ def run_episode(
             valid_region,
             scale,
             checkpoint_rounds,
-            generator,
+            noise,
         )
         rounds.append(RoundOutput(low_res_logits=logits, iou_predictions=iou_pred, best=best))
         coords.append(xy)
@@ -171,7 +173,7 @@ def episode_round(
     valid_region: Tensor | None,
     scale: float,
     checkpoint_rounds: bool,
-    generator: torch.Generator | None,
+    click_noise: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Prompts, Tensor, Tensor]:
     """One round: an optional corrective click, one decoder call over all N masks, the mask passed on.
 
@@ -180,6 +182,8 @@ def episode_round(
             decide one or three outputs per mask; later rounds give one).
         prev_pred: N x H x W bool, the previous round's mask (needed when `clicks` is given).
         clicks: add one click from the error region of `prev_pred` (None: no new click).
+        click_noise: the click's random numbers (`CorrectiveClicks.click_noise`), drawn by the caller so that
+            the round has no Generator in it and `torch.compile(fullgraph=True)` traces it.
         Others as `run_episode`.
 
     Returns:
@@ -190,14 +194,18 @@ def episode_round(
     xy = torch.zeros(n, 0, 2, device=click_gt.device)
     lab = torch.zeros(n, 0, dtype=torch.long, device=click_gt.device)
     if clicks is not None:
-        xy, lab = clicks.next_clicks(click_gt, prev_pred, generator, valid_region)  # N x 1 x 2, N x 1
+        xy, lab = clicks.next_clicks(
+            click_gt, prev_pred, valid=valid_region, uniform=click_noise
+        )  # N x 1 x 2, N x 1
         xy = (xy + 0.5) * scale - 0.5  # click-frame pixel centre -> input pixels
         prompts = prompts.with_points(xy, lab)
     if feedback is None:
         round_prompts, multimask = prompts, prompts.ambiguous()
     else:
         round_prompts, multimask = replace(prompts, mask_inputs=feedback), False
-    logits, iou_pred = _decode(model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds)
+    logits, iou_pred = _decode(
+        model, image_embeddings, image_index, round_prompts, multimask, checkpoint_rounds
+    )
     best = iou_pred.argmax(dim=1)  # N
     pred = binarize(select_output(logits.detach(), best), click_gt.shape[-1])  # N x H x W
     if valid_region is not None:
