@@ -11,7 +11,7 @@ from samlight import build_sam, save_official
 from samlight.datamodules.batch import SegmentationBatch
 from samlight.prompts import BoxPrompt, CorrectiveClicks, PointPrompt, Prompts, PromptType
 from samlight.training.module import SamModule
-from samlight.training.optim import AdamWRecipe, warmup_step_lambda
+from samlight.training.optim import AdamWRecipe, warmup_cosine_lambda, warmup_step_lambda
 
 S = 128
 SMALL = {"image_size": S}
@@ -217,6 +217,29 @@ def test_optimizer_groups_layer_decay_and_no_decay():
     assert covered == sum(p.numel() for p in module.model.parameters())
     factor = warmup_step_lambda(10, [100, 200], 0.1)
     assert [factor(s) for s in (0, 9, 99, 100, 250)] == pytest.approx([0.1, 1.0, 1.0, 0.1, 0.01])
+
+
+def test_cosine_schedule_decays_over_the_run_the_trainer_sets():
+    """`schedule: cosine` reads the run's length from trainer.max_steps: peak after warmup, half at the midpoint
+    of the decay, `min_lr_ratio` at the last step; without a length it says which setting is missing."""
+    factor = warmup_cosine_lambda(10, 110, 0.1)
+    assert [factor(s) for s in (0, 9, 10, 60, 110, 500)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
+    recipe = AdamWRecipe(lr=2.0, layer_decay=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    module = _module(optimizer=recipe)
+    trainer = Trainer(max_steps=110, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module._trainer = trainer  # what Trainer.fit sets before configure_optimizers
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(111):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs[9] == pytest.approx(2.0) and lrs[60] == pytest.approx(1.1) and lrs[110] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # never rises after the warmup
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        recipe.configure(module.model, total_steps=None)
+    with pytest.raises(ValueError, match="'step' or 'cosine'"):
+        AdamWRecipe(schedule="linear")
 
 
 def test_freezing_flags():

@@ -190,7 +190,9 @@ class SamModule(LightningModule):
             self._fsdp_applied = True
 
     def configure_optimizers(self) -> dict:
-        return self.optimizer_recipe.configure(self.model)
+        trainer = self._trainer  # None when called outside a Trainer (tests)
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+        return self.optimizer_recipe.configure(self.model, total_steps=total)
 
     def merged_model(self):
         """A copy of the `Sam` with LoRA merged in (official parameter names), e.g. for `save_official`."""

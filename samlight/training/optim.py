@@ -1,12 +1,13 @@
 """Optimiser, schedule, freezing and LoRA for SAM (paper App. A defaults).
 
 AdamW over parameter groups with layer-wise lr decay across the image-encoder blocks and no weight decay on
-norms, biases and position embeddings; linear warmup then step decay; LoRA on the encoder attention via peft.
+norms, biases and position embeddings; linear warmup then step (or cosine) decay; LoRA on the encoder attention via peft.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -76,6 +77,23 @@ def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: floa
     return factor
 
 
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """lr factor at an optimizer step: linear warmup to 1 over `warmup_steps`, then a cosine from 1 down to
+    `min_ratio` at `total_steps` (and `min_ratio` after it)."""
+    if total_steps <= warmup_steps:
+        raise ValueError(
+            f"cosine schedule: total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
@@ -141,7 +159,7 @@ def build_adamw(
 
 
 class AdamWRecipe:
-    """The optimiser and schedule of a run: AdamW over layer-wise-decayed groups, linear warmup, step decay.
+    """The optimiser and schedule of a run: AdamW over layer-wise-decayed groups, warmup, step or cosine decay.
 
     The defaults are the paper's (App. A): lr 8e-4, betas (0.9, 0.999), weight decay 0.1, layer decay 0.8,
     250 warmup steps, lr / 10 at 60k and 86,666 of 90k steps. Select it in YAML as
@@ -155,6 +173,10 @@ class AdamWRecipe:
         warmup_steps: linear warmup length in optimizer steps.
         lr_milestones: optimizer steps at which the lr is multiplied by `lr_gamma`.
         lr_gamma: step decay factor.
+        schedule: "step" (the paper's: x `lr_gamma` at each milestone) or "cosine" (from the peak after warmup
+            down to `min_lr_ratio` x lr at the run's last step, `trainer.max_steps`; milestones unused). A short
+            run from random init gains most from the lr falling over its whole length (docs/training.md).
+        min_lr_ratio: the cosine's end value as a fraction of the peak lr.
     """
 
     def __init__(
@@ -167,7 +189,11 @@ class AdamWRecipe:
         warmup_steps: int = 250,
         lr_milestones: Sequence[int] = (60000, 86666),
         lr_gamma: float = 0.1,
+        schedule: str = "step",
+        min_lr_ratio: float = 0.0,
     ) -> None:
+        if schedule not in ("step", "cosine"):
+            raise ValueError(f"AdamWRecipe: schedule must be 'step' or 'cosine', got {schedule!r}")
         self.lr = lr
         self.betas = tuple(betas)
         self.weight_decay = weight_decay
@@ -175,15 +201,27 @@ class AdamWRecipe:
         self.warmup_steps = warmup_steps
         self.lr_milestones = list(lr_milestones)
         self.lr_gamma = lr_gamma
+        self.schedule = schedule
+        self.min_lr_ratio = min_lr_ratio
 
     def __repr__(self) -> str:
         return f"AdamWRecipe({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
-    def configure(self, model: nn.Module) -> dict:
-        """Lightning's `configure_optimizers` result for the trainable parameters of `model` (a `Sam`)."""
+    def configure(self, model: nn.Module, total_steps: int | None = None) -> dict:
+        """Lightning's `configure_optimizers` result for the trainable parameters of `model` (a `Sam`).
+
+        `total_steps` (the run's optimizer steps, `trainer.max_steps`) is needed by the cosine schedule only.
+        """
         groups = param_groups(model, lr=self.lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay)
         optimizer = build_adamw(groups, lr=self.lr, betas=self.betas)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_step_lambda(self.warmup_steps, self.lr_milestones, self.lr_gamma)
-        )
+        if self.schedule == "cosine":
+            if total_steps is None or total_steps <= 0:
+                raise ValueError(
+                    "AdamWRecipe(schedule='cosine') decays over the whole run and needs its length: set "
+                    f"trainer.max_steps (got {total_steps})"
+                )
+            factor = warmup_cosine_lambda(self.warmup_steps, total_steps, self.min_lr_ratio)
+        else:
+            factor = warmup_step_lambda(self.warmup_steps, self.lr_milestones, self.lr_gamma)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
