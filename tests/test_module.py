@@ -224,6 +224,8 @@ def test_cosine_schedule_decays_over_the_run_the_trainer_sets():
     of the decay, `min_lr_ratio` at the last step; without a length it says which setting is missing."""
     factor = warmup_cosine_lambda(10, 110, 0.1)
     assert [factor(s) for s in (0, 9, 10, 60, 110, 500)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
+    short = warmup_cosine_lambda(10, 3)  # a 3-step smoke run of a config with 10 warmup steps
+    assert [short(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     recipe = AdamWRecipe(lr=2.0, layer_decay=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     module = _module(optimizer=recipe)
     trainer = Trainer(max_steps=110, logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -36,7 +36,14 @@ def run_quickstart(tmp_path, monkeypatch, capsys, overrides: list[str]) -> str:
 @pytest.mark.slow
 def test_quickstart_learns_in_its_first_400_steps(tmp_path, monkeypatch, capsys):
     out = run_quickstart(
-        tmp_path, monkeypatch, capsys, ["--trainer.max_steps=400", "--trainer.enable_progress_bar=false"]
+        tmp_path,
+        monkeypatch,
+        capsys,
+        [
+            "--trainer.max_steps=400",
+            "--trainer.val_check_interval=400",
+            "--trainer.enable_progress_bar=false",
+        ],
     )
     curve = printed_miou_curve(out)
     assert set(curve) == {0, 400}, out[-2000:]

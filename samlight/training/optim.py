@@ -79,16 +79,14 @@ def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: floa
 
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
     """lr factor at an optimizer step: linear warmup to 1 over `warmup_steps`, then a cosine from 1 down to
-    `min_ratio` at `total_steps` (and `min_ratio` after it)."""
-    if total_steps <= warmup_steps:
-        raise ValueError(
-            f"cosine schedule: total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})"
-        )
+    `min_ratio` at `total_steps` (and `min_ratio` after it). A run no longer than its warmup (a smoke test of a
+    few steps) only warms up."""
+    decay_steps = max(1, total_steps - warmup_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
