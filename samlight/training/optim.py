@@ -66,13 +66,17 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_deca
     return [groups[k] for k in sorted(groups)]
 
 
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """The warmup part of every schedule: (step + 1) / warmup_steps, 1 from the end of the warmup on."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def warmup_step_lambda(warmup_steps: int, milestones: Sequence[int], gamma: float):
     """lr factor at an optimizer step: linear warmup to 1 over `warmup_steps`, then x gamma at each milestone."""
     milestones = sorted(milestones)
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        return warm * gamma ** bisect_right(milestones, step)
+        return linear_warmup(step, warmup_steps) * gamma ** bisect_right(milestones, step)
 
     return factor
 
@@ -85,7 +89,7 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float =
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return linear_warmup(step, warmup_steps)
         progress = min(1.0, (step - warmup_steps) / decay_steps)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
