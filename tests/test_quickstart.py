@@ -1,7 +1,7 @@
 """The quickstart config trains end to end through `samlight fit` (on CPU, no download), and its first run convinces.
 
 The whole quickstart (750 steps, 174 s on 2 cores) reaches a held-out 1-click mIoU of 0.535.
-`test_quickstart_learns_in_its_first_400_steps` runs the same recipe for 400 steps (its cosine lr then falls to 0 at
+`test_quickstart_recipe_learns_within_400_steps` runs the same recipe for 400 steps (its cosine lr then falls to 0 at
 step 400 instead of 750) and checks the figure printed at step 400 (measured 0.454). It fails on the
 cause found for issue 14: the same recipe on the old demo scenes (3-8 freely occluding shapes, 16% of the masks in
 pieces) gives 0.136 at step 400 (measured with demo.py of the previous commit; docs/training.md#the-quickstart).
@@ -34,7 +34,7 @@ def run_quickstart(tmp_path, monkeypatch, capsys, overrides: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_quickstart_learns_in_its_first_400_steps(tmp_path, monkeypatch, capsys):
+def test_quickstart_recipe_learns_within_400_steps(tmp_path, monkeypatch, capsys):
     out = run_quickstart(
         tmp_path,
         monkeypatch,
