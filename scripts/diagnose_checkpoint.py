@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from samlight.datamodules.urls import expand_urls
     from samlight.training.module import SamModule
 
-    module = SamModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    module = SamModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True).eval()
 
     def loader(split: str):
         # Both splits decoded as validation decodes (first masks, input frame, no randomness).
