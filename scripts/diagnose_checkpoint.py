@@ -13,6 +13,7 @@ quickstart's validation measures it, it prints:
 from __future__ import annotations
 
 import argparse
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -28,40 +29,34 @@ def boundary_error_share(pred: Tensor, gt: Tensor, patch: int) -> float:
     return float((wrong & mixed).sum()) / total if total else 0.0
 
 
-def _batches(loader, limit: int):
-    for i, batch in enumerate(loader):
-        if i >= limit:
-            return
-        yield batch
-
-
 @torch.no_grad()
 def diagnose(module, loader, num_batches: int) -> dict[str, float]:
     """1-click mIoU with the image's own embedding and with the next image's, and the boundary error share."""
     from samlight.prompts.base import PromptContext
     from samlight.prompts.point import PointPrompt
-    from samlight.training.episode import binarize
+    from samlight.training.episode import binarize, select_output
     from samlight.training.metrics import mask_iou
+    from samlight.training.module import _valid_slots
 
     model = module.model
+
+    def chosen_mask(embeddings: Tensor, image_index: Tensor, prompts, size: int) -> Tensor:
+        logits, iou = model.decode(embeddings, image_index, prompts, True)
+        return binarize(select_output(logits, iou.argmax(1)), size)  # N x S x S, the IoU head's choice
+
     own, other, preds, gts = [], [], [], []
-    for batch in _batches(loader, num_batches):
-        valid = batch.mask_valid
-        gt = batch.masks[valid]  # N x S x S
-        image_index = valid.nonzero()[:, 0]
+    for batch in islice(loader, num_batches):
+        gt, image_index, _ = _valid_slots(batch)  # N x S x S, N
         context = PromptContext(
             images=batch.images, image_index=image_index, input_sizes=batch.input_sizes, text_embeddings=None
         )
         prompts = PointPrompt(mode="center").sample(gt, context=context)
         embeddings = model.encode_images(batch.images)
-        for store, emb in ((own, embeddings), (other, embeddings.roll(1, 0))):
-            logits, iou = model.decode(emb, image_index, prompts, True)
-            chosen = logits[torch.arange(len(gt)), iou.argmax(1)][:, None]
-            pred = binarize(chosen, model.image_size).reshape(gt.shape)
-            store.append(mask_iou(pred, gt))
-            if store is own:
-                preds.append(pred)
-                gts.append(gt)
+        pred = chosen_mask(embeddings, image_index, prompts, gt.shape[-1])
+        own.append(mask_iou(pred, gt))
+        other.append(mask_iou(chosen_mask(embeddings.roll(1, 0), image_index, prompts, gt.shape[-1]), gt))
+        preds.append(pred)
+        gts.append(gt)
     patch = model.image_size // model.prompt_encoder.image_embedding_size[0]
     return {
         "miou": float(torch.cat(own).mean()),
